@@ -1,0 +1,17 @@
+"""funceng: a functional, JAX-style training engine on PyTorch."""
+
+from funceng import optim, schedules
+from funceng.state import DonatedStateError, TrainState
+from funceng.step import make_eval_step, make_train_step, parse_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DonatedStateError",
+    "TrainState",
+    "make_eval_step",
+    "make_train_step",
+    "optim",
+    "parse_loss",
+    "schedules",
+]

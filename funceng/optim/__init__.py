@@ -1,0 +1,45 @@
+"""Functional optimizers in the optax style: pure ``(init, update)`` pairs composed with `chain`."""
+
+from funceng.optim.alias import adam, adamw, sgd
+from funceng.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    apply_if,
+    apply_updates,
+    chain,
+    identity,
+)
+from funceng.optim.transforms import (
+    add_decayed_weights,
+    clip_by_global_norm,
+    clip_by_value,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
+from funceng.optim.wrappers import accumulate, masked, partition
+
+__all__ = [
+    "GradientTransformation",
+    "OptState",
+    "Params",
+    "Updates",
+    "accumulate",
+    "adam",
+    "adamw",
+    "add_decayed_weights",
+    "apply_if",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "clip_by_value",
+    "identity",
+    "masked",
+    "partition",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "sgd",
+    "trace",
+]

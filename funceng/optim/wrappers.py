@@ -1,0 +1,117 @@
+"""Transforms of transforms: gradient accumulation and per-parameter groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from funceng.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    apply_if,
+    first_device_leaf,
+    identity,
+    scalar,
+    values,
+    zeros_like,
+)
+
+Labeler = Callable[[str, torch.Tensor], str] | Mapping[str, str]
+
+
+def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation:
+    """Gradient accumulation: apply ``tx`` to the mean of ``every`` consecutive updates.
+
+    Each call adds ``u`` to ``acc``; on every ``every``-th call ``tx`` sees ``acc / every`` and ``acc`` is reset;
+    on the others the returned update is zero and ``tx``'s state is unchanged. Branchless: no host sync.
+    """
+    if every < 1:
+        raise ValueError(f"accumulate: every must be >= 1, got {every}")
+    if every == 1:
+        return tx
+
+    def init(params: Params) -> OptState:
+        return {
+            "mini_step": scalar(0, first_device_leaf(params), torch.int64),
+            "acc": zeros_like(params),
+            "inner": tx.init(params),
+        }
+
+    def update(updates: Updates, state: OptState, params: Params | None = None):
+        mini_step, acc = state["mini_step"], values(state["acc"])
+        mini_step.add_(1)
+        is_last = mini_step == every
+        if updates:
+            torch._foreach_add_(acc, values(updates))
+            torch._foreach_copy_(values(updates), acc)
+            torch._foreach_div_(values(updates), every)
+            torch._foreach_mul_(acc, (~is_last).to(acc[0].dtype))
+        updates, state["inner"] = apply_if(is_last, tx, updates, state["inner"], params)
+        mini_step.mul_((~is_last).to(torch.int64))
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def _label_of(labels: Labeler, name: str, param: torch.Tensor) -> str:
+    if callable(labels):
+        return labels(name, param)
+    try:
+        return labels[name]
+    except KeyError:
+        raise KeyError(f"partition: no label for parameter {name!r}") from None
+
+
+def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler) -> GradientTransformation:
+    """Different transforms for different parameter groups (MMEngine's ``paramwise_cfg``, optax's
+    ``multi_transform``). ``labels`` maps each parameter name to a key of ``transforms``, as a dict or a
+    function ``(name, param) -> label``. The state of group ``k`` lives under key ``k``.
+    """
+
+    def groups(params: Params) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {label: [] for label in transforms}
+        for name, p in params.items():
+            label = _label_of(labels, name, p)
+            if label not in out:
+                raise KeyError(f"partition: parameter {name!r} has label {label!r}; known: {sorted(transforms)}")
+            out[label].append(name)
+        return out
+
+    cache: dict[tuple[str, ...], dict[str, list[str]]] = {}  # labels are a pure function of the names
+
+    def groups_of(tree: Params) -> dict[str, list[str]]:
+        key = tuple(tree)
+        if key not in cache:
+            cache[key] = groups(tree)
+        return cache[key]
+
+    def init(params: Params) -> OptState:
+        names_by_label = groups_of(params)
+        return {
+            label: tx.init({n: params[n] for n in names_by_label[label]}) for label, tx in transforms.items()
+        }
+
+    def update(updates: Updates, state: OptState, params: Params | None = None):
+        names_by_label = groups_of(updates)
+        new_state = {}
+        for label, tx in transforms.items():
+            names = names_by_label[label]
+            sub_params = {n: params[n] for n in names} if params is not None else None
+            sub_updates, new_state[label] = tx.update({n: updates[n] for n in names}, state[label], sub_params)
+            updates.update(sub_updates)
+        return updates, new_state
+
+    return GradientTransformation(init, update)
+
+
+def masked(tx: GradientTransformation, mask: Callable[[str, torch.Tensor], bool] | Mapping[str, bool]):
+    """Applies ``tx`` only to the parameters where ``mask`` is true; the others' updates pass unchanged."""
+
+    def label(name: str, p: torch.Tensor) -> str:
+        keep = mask(name, p) if callable(mask) else mask[name]
+        return "masked" if keep else "unmasked"
+
+    return partition({"masked": tx, "unmasked": identity()}, label)

@@ -1,0 +1,377 @@
+"""Pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``, ``eval_step(state, batch)``.
+
+The step's arithmetic is written once, over the state's leaves. In eager mode the model computes with the
+state's tensors bound into it and ``torch.autograd.grad`` takes the gradients; compiled, the whole step
+(forward, backward, optimizer) is one ``torch.compile(fullgraph=True)`` graph over ``torch.func.functional_call``
+and ``torch.func.grad``, with the leaves as graph inputs so a new learning rate never recompiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from funceng import optim
+from funceng.binding import ModuleBinding
+from funceng.state import TrainState, check_state, successor
+
+LossFn = Callable[[nn.Module, Any], Any]
+AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL = 2.0, 0.5, 2000  # torch.amp.GradScaler's defaults
+
+
+def call_model(model: nn.Module, batch: Any, mode: str) -> Any:
+    """MMEngine's calling convention: ``model(*batch, mode=...)`` (``**batch`` for a dict)."""
+    if isinstance(batch, Mapping):
+        return model(**batch, mode=mode)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch, mode=mode)
+    return model(batch, mode=mode)
+
+
+def parse_loss(output: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """The total loss and the values to log from what a loss function returned.
+
+    A scalar tensor is the loss. In a dict, every entry whose key contains ``"loss"`` is averaged (lists of
+    tensors are summed) and added to the total; every entry is logged.
+    """
+    if isinstance(output, Tensor):
+        if output.ndim != 0:
+            raise ValueError(f"the loss must be a scalar tensor, got shape {tuple(output.shape)}")
+        return output, {}
+    if not isinstance(output, Mapping):
+        raise TypeError(
+            "the loss function (or model(..., mode='loss')) must return a scalar tensor or a dict of losses "
+            f"with a 'loss' entry; got {type(output).__name__}"
+        )
+    logs, total = {}, None
+    for key, value in output.items():
+        if isinstance(value, (list, tuple)):
+            value = sum(v.mean() for v in value)
+        elif isinstance(value, Tensor):
+            value = value.mean()
+        else:
+            raise TypeError(f"loss entry {key!r} must be a tensor or a list of tensors, got {type(value).__name__}")
+        logs[key] = value.detach()
+        if "loss" in key:
+            total = value if total is None else total + value
+    if total is None:
+        raise KeyError(f"the loss dict has no entry whose key contains 'loss'; keys: {sorted(output)}")
+    return total, logs
+
+
+def _flatten(tree: Any, leaves: list[Tensor]) -> Any:
+    """The nesting of ``tree`` with each tensor replaced by its index in ``leaves`` (appended to)."""
+    if isinstance(tree, Tensor):
+        leaves.append(tree)
+        return len(leaves) - 1
+    return {key: _flatten(value, leaves) for key, value in tree.items()}
+
+
+def _unflatten(template: Any, leaves: list[Tensor]) -> Any:
+    if isinstance(template, int):
+        return leaves[template]
+    return {key: _unflatten(value, leaves) for key, value in template.items()}
+
+
+def _leaf_index(template: Any, *path: str) -> int | None:
+    for key in path:
+        if not isinstance(template, dict) or key not in template:
+            return None
+        template = template[key]
+    return template if isinstance(template, int) else None
+
+
+def _find_leaf(template: Any, name: str) -> int | None:
+    """Index of the first leaf named ``name`` (depth first), e.g. the learning rate in the optimizer state."""
+    if isinstance(template, dict):
+        for key, value in template.items():
+            if key == name and isinstance(value, int):
+                return value
+            found = _find_leaf(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+class _Layout:
+    """Where each part of a state sits in its flat list of leaves."""
+
+    def __init__(self, state: TrainState):
+        leaves: list[Tensor] = []
+        self.template = _flatten(state, leaves)
+        self.param_names = list(self.template["params"])
+        self.buffer_names = list(self.template["buffers"])
+        self.lr = _find_leaf(self.template["opt_state"], "lr")
+        self.grad_norm = _find_leaf(self.template["opt_state"], "grad_norm")
+        self.rng = self.template["rng"]
+
+    def leaves(self, state: TrainState) -> list[Tensor]:
+        cached = state.__dict__.get("_funceng_leaves")
+        if cached is not None and cached[0] is self and state.is_locked:
+            return cached[1]
+        leaves: list[Tensor] = []
+        template = _flatten(state, leaves)
+        if template != self.template:
+            raise ValueError(
+                "this state does not have the structure this step was built for: "
+                f"{_describe_difference(self.template, template)}. Was it created for another model or "
+                "optimizer (e.g. without the same `accumulate`)?"
+            )
+        return leaves
+
+    def remember(self, state: TrainState, leaves: list[Tensor]) -> TrainState:
+        state._funceng_leaves = (self, leaves)
+        return state
+
+
+def _describe_difference(expected: Any, got: Any, path: str = "") -> str:
+    if isinstance(expected, dict) and isinstance(got, dict):
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        if missing or extra:
+            return f"at {path or '<root>'}: missing keys {missing}, unexpected keys {extra}"
+        for key in expected:
+            if expected[key] != got[key]:
+                return _describe_difference(expected[key], got[key], f"{path}.{key}" if path else key)
+    return f"at {path or '<root>'}: a tensor and a sub-dict differ"
+
+
+class _RngScope:
+    """Makes the step draw random numbers from the state's generators, then stores them back."""
+
+    def __init__(self, rng: dict[str, int]):
+        self.cpu, self.cuda = rng.get("cpu"), rng.get("cuda")
+
+    @contextlib.contextmanager
+    def __call__(self, leaves: list[Tensor]):
+        saved_cpu = torch.get_rng_state()
+        torch.set_rng_state(leaves[self.cpu])
+        if self.cuda is not None:
+            saved_cuda = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(leaves[self.cuda])
+        try:
+            yield
+        finally:
+            leaves[self.cpu].copy_(torch.get_rng_state())
+            torch.set_rng_state(saved_cpu)
+            if self.cuda is not None:
+                leaves[self.cuda].copy_(torch.cuda.get_rng_state())
+                torch.cuda.set_rng_state(saved_cuda)
+
+
+def _resolve_compile(compile: bool | str, model: nn.Module) -> bool:
+    if compile == "auto":
+        first = next(model.parameters(), None)
+        return first is not None and first.device.type == "cuda"
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
+def _amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
+    if amp is None or isinstance(amp, torch.dtype):
+        return amp
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+    return AMP_DTYPES[amp]
+
+
+class _LossModule(nn.Module):
+    """``fn(model, batch)`` as a module, so `torch.func.functional_call` can swap the model's tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+def _functional_call(module: _LossModule, params: dict, buffers: dict, batch: Any) -> Any:
+    """Runs ``module`` (a `_LossModule`) with its model's parameters and buffers replaced."""
+    tensors = {f"model.{k}": v for k, v in params.items()}
+    tensors.update({f"model.{k}": v for k, v in buffers.items()})
+    return torch.func.functional_call(module, tensors, (batch,))
+
+
+class TrainStep:
+    """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
+
+    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate):
+        self.model = model
+        self.tx = optim.accumulate(tx, accumulate)
+        self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
+        self._loss_module = _LossModule(model, self.loss_fn)
+        self.compiled = _resolve_compile(compile, model)
+        self.amp_dtype = _amp_dtype(amp)
+        self.donate = donate
+        self.device_type = next(model.parameters()).device.type
+        self._layout: _Layout | None = None
+        self._binding: ModuleBinding | None = None
+        self._rng: _RngScope | None = None
+        self._fn = torch.compile(self._step_on_leaves, fullgraph=True) if self.compiled else self._step_on_leaves
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
+        check_state(state)
+        layout = self._layout_for(state)
+        if not self.donate:
+            state = state.clone()
+        leaves = layout.leaves(state)
+        if not self.model.training:
+            self.model.train()
+        with self._rng(leaves):
+            metrics = self._fn(leaves, batch)
+        return layout.remember(successor(state, donate=self.donate), leaves), metrics
+
+    def _layout_for(self, state: TrainState) -> _Layout:
+        if self._layout is None:
+            self._layout = _Layout(state)
+            self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
+            self._rng = _RngScope(self._layout.rng)
+        return self._layout
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def _grads_eager(self, params, buffers, batch, scale):
+        self._binding.bind(list(params.values()), list(buffers.values()))
+        with self._autocast():
+            loss, logs = parse_loss(self.loss_fn(self.model, batch))
+        grads = torch.autograd.grad(loss if scale is None else loss * scale, self._binding.params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
+        return dict(zip(params, grads)), loss.detach(), logs
+
+    def _grads_functional(self, params, buffers, batch, scale):
+        def loss_of(p, b):
+            with self._autocast():
+                loss, logs = parse_loss(_functional_call(self._loss_module, p, b, batch))
+            return (loss if scale is None else loss * scale), (loss.detach(), logs)
+
+        grads, (loss, logs) = torch.func.grad(loss_of, has_aux=True)(params, buffers)
+        return grads, loss, logs
+
+    def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
+        layout = self._layout
+        s = _unflatten(layout.template, leaves)
+        params, buffers, opt_state = s["params"], s["buffers"], s["opt_state"]
+        fp16 = self.amp_dtype == torch.float16
+        scale = s["loss_scale"]["scale"] if fp16 else None
+        grads_fn = self._grads_functional if self.compiled else self._grads_eager
+        grads, loss, logs = grads_fn(params, buffers, batch, scale)
+        if fp16:
+            updates, finite = self._unscale(grads, s["loss_scale"])
+            optim.apply_if(finite, self.tx, updates, opt_state, params)
+        else:
+            updates, new_opt_state = self.tx.update(grads, opt_state, params)
+            optim.base.commit_state(opt_state, new_opt_state)
+        optim.apply_updates(params, updates)
+        s["step"].add_(1)
+        metrics = {"loss": loss, **{k: v for k, v in logs.items() if k != "loss"}}
+        if layout.lr is not None:
+            metrics["lr"] = leaves[layout.lr].clone()
+        if layout.grad_norm is not None:
+            metrics["grad_norm"] = leaves[layout.grad_norm].clone()
+        if fp16:
+            metrics["loss_scale"] = scale.clone()
+        return metrics
+
+    @staticmethod
+    def _unscale(grads: dict[str, Tensor], loss_scale: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """Unscales fp16 gradients, zeroes them if any is non-finite, and updates the dynamic loss scale."""
+        scale, tracker = loss_scale["scale"], loss_scale["growth_tracker"]
+        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
+        grad_list = list(grads.values())
+        torch._amp_foreach_non_finite_check_and_unscale_(grad_list, found_inf, scale.double().reciprocal().float())
+        finite = found_inf == 0
+        # No foreach select exists; this runs only on fp16 skips' path and fuses into one kernel when compiled.
+        clean = dict(zip(grads, [torch.where(finite, g, torch.zeros((), dtype=g.dtype)) for g in grad_list]))
+        torch._amp_update_scale_(scale, tracker, found_inf, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL)
+        return clean, finite
+
+
+class EvalStep:
+    """``eval_step(state, batch) -> outputs`` with no gradients; built by `make_eval_step`."""
+
+    def __init__(self, model, predict_fn, compile, amp):
+        self.model = model
+        self.predict_fn = predict_fn or (lambda m, batch: call_model(m, batch, "predict"))
+        self._predict_module = _LossModule(model, self.predict_fn)
+        self.compiled = _resolve_compile(compile, model)
+        self.amp_dtype = _amp_dtype(amp)
+        self.device_type = next(model.parameters()).device.type
+        self._layout: _Layout | None = None
+        self._binding: ModuleBinding | None = None
+        self._fn = torch.compile(self._predict, fullgraph=True) if self.compiled else self._predict
+
+    def __call__(self, state: TrainState, batch: Any) -> Any:
+        check_state(state)
+        if self._layout is None:
+            self._layout = _Layout(state)
+            self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
+        leaves = self._layout.leaves(state)
+        if self.model.training:
+            self.model.eval()
+        s = _unflatten(self._layout.template, leaves)
+        with torch.no_grad():
+            return self._fn(s["params"], s["buffers"], batch)
+
+    def _predict(self, params, buffers, batch):
+        autocast = (
+            torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        )
+        with autocast:
+            if not self.compiled:
+                self._binding.bind(list(params.values()), list(buffers.values()))
+                return self.predict_fn(self.model, batch)
+            return _functional_call(self._predict_module, params, buffers, batch)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optim.GradientTransformation,
+    loss_fn: LossFn | None = None,
+    *,
+    compile: bool | str = "auto",
+    amp: str | torch.dtype | None = None,
+    accumulate: int = 1,
+    donate: bool = True,
+) -> TrainStep:
+    """A pure train step ``step(state, batch) -> (new_state, metrics)``.
+
+    ``loss_fn(model, batch)`` is plain PyTorch returning a scalar or a dict with ``"loss"``; ``None`` calls a
+    BaseModel-style ``model(*batch, mode="loss")``. ``compile``: ``True`` compiles the whole step with
+    ``fullgraph=True``; ``"auto"`` compiles on CUDA only. ``amp``: ``"bf16"`` autocasts; ``"fp16"`` also scales
+    the loss dynamically and skips non-finite steps without a host sync. ``accumulate=k`` applies the mean of
+    ``k`` consecutive steps' gradients every k-th step (build the state with ``optim.accumulate(tx, k)``).
+    ``donate``: the input state's storage is reused for the output and the input object is invalidated
+    (``False`` keeps it, at the cost of a copy per step).
+
+    ``metrics`` holds detached tensors: ``loss`` (unscaled), other logged loss entries, ``lr``, ``grad_norm``
+    when clipping by norm and ``loss_scale`` with fp16.
+    """
+    if next(model.parameters(), None) is None:
+        raise ValueError("make_train_step: the model has no parameters to train")
+    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate)
+
+
+def make_eval_step(
+    model: nn.Module,
+    predict_fn: LossFn | None = None,
+    *,
+    compile: bool | str = "auto",
+    amp: str | torch.dtype | None = None,
+) -> EvalStep:
+    """A pure no-grad step ``eval_step(state, batch) -> outputs`` with the model in eval mode.
+
+    ``predict_fn(model, batch)`` defaults to BaseModel's ``model(*batch, mode="predict")``.
+    """
+    if next(model.parameters(), None) is None:
+        raise ValueError("make_eval_step: the model has no parameters")
+    return EvalStep(model, predict_fn, compile, amp)
