@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funceng import optim
+from funceng import optim, tree
 from funceng.binding import ModuleBinding
 from funceng.state import TrainState, check_state, successor
 
@@ -64,62 +64,26 @@ def parse_loss(output: Any) -> tuple[Tensor, dict[str, Tensor]]:
     return total, logs
 
 
-def _flatten(tree: Any, leaves: list[Tensor]) -> Any:
-    """The nesting of ``tree`` with each tensor replaced by its index in ``leaves`` (appended to)."""
-    if isinstance(tree, Tensor):
-        leaves.append(tree)
-        return len(leaves) - 1
-    return {key: _flatten(value, leaves) for key, value in tree.items()}
-
-
-def _unflatten(template: Any, leaves: list[Tensor]) -> Any:
-    if isinstance(template, int):
-        return leaves[template]
-    return {key: _unflatten(value, leaves) for key, value in template.items()}
-
-
-def _leaf_index(template: Any, *path: str) -> int | None:
-    for key in path:
-        if not isinstance(template, dict) or key not in template:
-            return None
-        template = template[key]
-    return template if isinstance(template, int) else None
-
-
-def _find_leaf(template: Any, name: str) -> int | None:
-    """Index of the first leaf named ``name`` (depth first), e.g. the learning rate in the optimizer state."""
-    if isinstance(template, dict):
-        for key, value in template.items():
-            if key == name and isinstance(value, int):
-                return value
-            found = _find_leaf(value, name)
-            if found is not None:
-                return found
-    return None
-
-
 class _Layout:
     """Where each part of a state sits in its flat list of leaves."""
 
     def __init__(self, state: TrainState):
-        leaves: list[Tensor] = []
-        self.template = _flatten(state, leaves)
+        self.template, _ = tree.flatten(state)
         self.param_names = list(self.template["params"])
         self.buffer_names = list(self.template["buffers"])
-        self.lr = _find_leaf(self.template["opt_state"], "lr")
-        self.grad_norm = _find_leaf(self.template["opt_state"], "grad_norm")
+        self.lr = tree.find_leaf(self.template["opt_state"], "lr")
+        self.grad_norm = tree.find_leaf(self.template["opt_state"], "grad_norm")
         self.rng = self.template["rng"]
 
     def leaves(self, state: TrainState) -> list[Tensor]:
         cached = state.__dict__.get("_funceng_leaves")
         if cached is not None and cached[0] is self and state.is_locked:
             return cached[1]
-        leaves: list[Tensor] = []
-        template = _flatten(state, leaves)
+        template, leaves = tree.flatten(state)
         if template != self.template:
             raise ValueError(
                 "this state does not have the structure this step was built for: "
-                f"{_describe_difference(self.template, template)}. Was it created for another model or "
+                f"{tree.describe_difference(self.template, template)}. Was it created for another model or "
                 "optimizer (e.g. without the same `accumulate`)?"
             )
         return leaves
@@ -127,17 +91,6 @@ class _Layout:
     def remember(self, state: TrainState, leaves: list[Tensor]) -> TrainState:
         state._funceng_leaves = (self, leaves)
         return state
-
-
-def _describe_difference(expected: Any, got: Any, path: str = "") -> str:
-    if isinstance(expected, dict) and isinstance(got, dict):
-        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        if missing or extra:
-            return f"at {path or '<root>'}: missing keys {missing}, unexpected keys {extra}"
-        for key in expected:
-            if expected[key] != got[key]:
-                return _describe_difference(expected[key], got[key], f"{path}.{key}" if path else key)
-    return f"at {path or '<root>'}: a tensor and a sub-dict differ"
 
 
 class _RngScope:
@@ -259,7 +212,7 @@ class TrainStep:
 
     def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
         layout = self._layout
-        s = _unflatten(layout.template, leaves)
+        s = tree.unflatten(layout.template, leaves)
         params, buffers, opt_state = s["params"], s["buffers"], s["opt_state"]
         fp16 = self.amp_dtype == torch.float16
         scale = s["loss_scale"]["scale"] if fp16 else None
@@ -318,7 +271,7 @@ class EvalStep:
         leaves = self._layout.leaves(state)
         if self.model.training:
             self.model.eval()
-        s = _unflatten(self._layout.template, leaves)
+        s = tree.unflatten(self._layout.template, leaves)
         with torch.no_grad():
             return self._fn(s["params"], s["buffers"], batch)
 

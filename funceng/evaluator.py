@@ -1,0 +1,87 @@
+"""Metrics (`BaseMetric`) and the `Evaluator` that runs several of them, with MMEngine's interface."""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from funceng.dist import collect_results
+
+
+class BaseMetric(metaclass=ABCMeta):
+    """Accumulates per-batch results in ``self.results`` (``process``) and reduces them (``compute_metrics``).
+
+    ``compute_metrics`` receives every rank's results in distributed runs. ``prefix`` is prepended to the
+    metric names as ``"prefix/name"``.
+    """
+
+    default_prefix: str | None = None
+    registry: dict[str, type[BaseMetric]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        BaseMetric.registry[cls.__name__] = cls  # so configs may name a metric as type="Accuracy"
+
+    def __init__(self, collect_device: str = "cpu", prefix: str | None = None, collect_dir: str | None = None):
+        self.collect_device = collect_device
+        self.prefix = prefix or self.default_prefix
+        self.results: list[Any] = []
+
+    @abstractmethod
+    def process(self, data_batch: Any, data_samples: Any) -> None:
+        """Appends whatever ``compute_metrics`` needs from one batch to ``self.results``."""
+
+    @abstractmethod
+    def compute_metrics(self, results: list[Any]) -> dict[str, Any]:
+        """The metrics, as ``{name: value}``, from all results."""
+
+    def evaluate(self, size: int) -> dict[str, float]:
+        """Gathers the results of every rank, computes the metrics, clears ``self.results``."""
+        results = collect_results(self.results, size)
+        metrics = self.compute_metrics(results)
+        self.results.clear()
+        if not isinstance(metrics, dict):
+            raise TypeError(
+                f"{type(self).__name__}.compute_metrics must return a dict of metric values, "
+                f"got {type(metrics).__name__}"
+            )
+        return {self._name(key): _scalar(value) for key, value in metrics.items()}
+
+    def _name(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value
+    return value
+
+
+class Evaluator:
+    """Runs several metrics over the same predictions; their metric names must not collide."""
+
+    def __init__(self, metrics: BaseMetric | dict | Sequence[BaseMetric | dict]):
+        from funceng.runner.build import build_metric
+
+        if isinstance(metrics, (BaseMetric, dict)):
+            metrics = [metrics]
+        self.metrics = [build_metric(m) for m in metrics]
+
+    def process(self, data_samples: Any, data_batch: Any = None) -> None:
+        for metric in self.metrics:
+            metric.process(data_batch, data_samples)
+
+    def evaluate(self, size: int) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for metric in self.metrics:
+            for name, value in metric.evaluate(size).items():
+                if name in merged:
+                    raise ValueError(
+                        f"metric name {name!r} is produced by more than one metric "
+                        f"({', '.join(type(m).__name__ for m in self.metrics)}); give them distinct prefixes"
+                    )
+                merged[name] = value
+        return merged

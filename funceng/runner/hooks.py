@@ -1,0 +1,296 @@
+"""Hooks: MMEngine's extension points, called by the Runner at each stage of a run."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from funceng.runner.log import Window, cuda_memory_mb, epoch_end_line, header, iteration_line
+
+if TYPE_CHECKING:
+    from funceng.runner.runner import Runner
+
+PRIORITIES = {"HIGHEST": 0, "VERY_HIGH": 10, "HIGH": 30, "ABOVE_NORMAL": 40, "NORMAL": 50, "BELOW_NORMAL": 60,
+              "LOW": 70, "VERY_LOW": 90, "LOWEST": 100}
+
+
+class Hook:
+    """Base class: override the stages you need. ``priority`` (a name or an int, lower runs first) orders hooks."""
+
+    priority: str | int = "NORMAL"
+
+    def before_run(self, runner: Runner) -> None: ...
+    def after_run(self, runner: Runner) -> None: ...
+    def before_train(self, runner: Runner) -> None: ...
+    def after_train(self, runner: Runner) -> None: ...
+    def before_train_epoch(self, runner: Runner) -> None: ...
+    def after_train_epoch(self, runner: Runner) -> None: ...
+    def before_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
+    def before_val(self, runner: Runner) -> None: ...
+    def after_val(self, runner: Runner) -> None: ...
+    def before_val_epoch(self, runner: Runner) -> None: ...
+    def after_val_epoch(self, runner: Runner, metrics: dict[str, Any] | None = None) -> None: ...
+    def before_val_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
+    def after_val_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
+    def before_test(self, runner: Runner) -> None: ...
+    def after_test(self, runner: Runner) -> None: ...
+    def before_test_epoch(self, runner: Runner) -> None: ...
+    def after_test_epoch(self, runner: Runner, metrics: dict[str, Any] | None = None) -> None: ...
+    def before_test_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
+    def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
+    def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None: ...
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None: ...
+
+    def extra_state(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Tensors this hook keeps in the TrainState (created once, saved and resumed with it)."""
+        return {}
+
+    @property
+    def priority_value(self) -> int:
+        return PRIORITIES[self.priority] if isinstance(self.priority, str) else int(self.priority)
+
+
+class LoggerHook(Hook):
+    """Logs smoothed time, data_time and losses every ``interval`` iterations in MMEngine's format, writes them
+    to ``vis_data/scalars.json``, and stops a run whose loss became non-finite, naming the iteration.
+
+    Losses stay on the device between log lines, so a compiled step is never synced more than once per line.
+    """
+
+    priority = "BELOW_NORMAL"
+
+    def __init__(self, interval: int = 10, ignore_last: bool = True, log_metric_by_epoch: bool = True):
+        self.interval = interval
+        self.ignore_last = ignore_last
+        self._windows: dict[str, Window] = {}
+        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def _window(self, key: str) -> Window:
+        return self._windows.setdefault(key, Window(self.interval))
+
+    def before_train(self, runner):
+        self._windows.clear()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._window("time").update(runner.timing["time"])
+        self._window("data_time").update(runner.timing["data_time"])
+        self._pending.append((runner.iter, {k: v for k, v in outputs.items() if k not in ("lr", "grad_norm")}))
+        loader_len = len(runner.train_dataloader)
+        end_of_epoch = runner.by_epoch and batch_idx + 1 == loader_len
+        if (batch_idx + 1) % self.interval == 0 or (not runner.by_epoch and runner.iter % self.interval == 0):
+            self._log_train(runner, batch_idx, outputs)
+        elif end_of_epoch and (not self.ignore_last or loader_len <= self.interval):
+            self._log_train(runner, batch_idx, outputs)
+        elif end_of_epoch:
+            self._drain(runner)
+
+    def _drain(self, runner) -> dict[str, float]:
+        """Moves pending device scalars into the windows (one sync) and checks the loss is finite."""
+        if not self._pending:
+            return {}
+        iters = [it for it, _ in self._pending]
+        keys = list(self._pending[-1][1])
+        values = torch.stack([torch.stack([m[k].float() for k in keys]) for _, m in self._pending]).tolist()
+        self._pending.clear()
+        for it, row in zip(iters, values):
+            loss = row[keys.index("loss")]
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss} at iteration {it} ({runner.describe_iter(it)}); training stopped. "
+                    "Lower the learning rate, clip gradients (optim_wrapper.clip_grad) or check the data."
+                )
+            for key, value in zip(keys, row):
+                self._window(key).update(value)
+        return {k: self._window(k).mean() for k in keys}
+
+    def _log_train(self, runner, batch_idx, outputs):
+        scalars = self._drain(runner)
+        lr = outputs["lr"].item() if "lr" in outputs else None
+        if runner.by_epoch:
+            head = header("train", epoch=runner.epoch + 1, max_epochs=runner.max_epochs,
+                          index=batch_idx + 1, total=len(runner.train_dataloader))
+        else:
+            head = header("train", epoch=None, max_epochs=None, index=runner.iter, total=runner.max_iters)
+        time_mean = self._window("time").mean()
+        eta = self._window("time").global_mean() * (runner.max_iters - runner.iter)
+        memory = cuda_memory_mb(runner.device)
+        ordered = {k: v for k, v in scalars.items() if k != "loss"}
+        ordered["loss"] = scalars["loss"]
+        if "grad_norm" in outputs:
+            ordered["grad_norm"] = outputs["grad_norm"].item()
+        runner.logger.info(iteration_line(head, lr, eta, time_mean, self._window("data_time").mean(), memory, ordered))
+        record = {"lr": lr, "data_time": self._window("data_time").mean(), "time": time_mean, **ordered,
+                  "epoch": runner.epoch + 1 if runner.by_epoch else None, "iter": runner.iter}
+        if memory is not None:
+            record["memory"] = memory
+        runner.scalars.write(record, runner.iter)
+
+    def before_val_epoch(self, runner):
+        self._val_time, self._val_data_time = Window(self.interval), Window(self.interval)
+        self._val_all_time, self._val_all_data = Window(10**9), Window(10**9)
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        for windows, key in ((self._val_time, "time"), (self._val_data_time, "data_time")):
+            windows.update(runner.timing[key])
+        self._val_all_time.update(runner.timing["time"])
+        self._val_all_data.update(runner.timing["data_time"])
+        total = len(runner.val_dataloader)
+        if (batch_idx + 1) % self.interval == 0:
+            head = self._val_header(runner, batch_idx + 1, total)
+            eta = self._val_time.global_mean() * (total - batch_idx - 1)
+            runner.logger.info(iteration_line(head, None, eta, self._val_time.mean(), self._val_data_time.mean(),
+                                              cuda_memory_mb(runner.device), {}))
+
+    def _val_header(self, runner, index, total):
+        if runner.by_epoch:
+            return header("val", epoch=runner.epoch, max_epochs=runner.max_epochs, index=index, total=total)
+        return header("val", epoch=None, max_epochs=None, index=index, total=total)
+
+    def after_val_epoch(self, runner, metrics=None):
+        total = len(runner.val_dataloader)
+        runner.logger.info(epoch_end_line(self._val_header(runner, total, total), metrics or {},
+                                          self._val_all_time.global_mean(), self._val_all_data.global_mean()))
+        step = runner.epoch if runner.by_epoch else runner.iter
+        runner.scalars.write({**(metrics or {}), "data_time": self._val_all_data.global_mean(),
+                              "time": self._val_all_time.global_mean()}, step)
+
+
+class CheckpointHook(Hook):
+    """Saves ``epoch_N`` / ``iter_N`` checkpoints every ``interval`` (and the last one), keeps at most
+    ``max_keep_ckpts`` of them, and with ``save_best`` keeps ``best_<metric>_<epoch|iter>_N`` for the best value."""
+
+    priority = "VERY_LOW"
+
+    def __init__(self, interval: int = 1, by_epoch: bool | None = None, max_keep_ckpts: int = -1,
+                 save_best: str | None = None, rule: str | None = None, save_last: bool = True,
+                 out_dir: str | None = None):
+        if rule not in (None, "greater", "less"):
+            raise ValueError(f"CheckpointHook.rule must be 'greater' or 'less', got {rule!r}")
+        self.interval, self.by_epoch, self.max_keep_ckpts = interval, by_epoch, max_keep_ckpts
+        self.save_best, self.rule, self.save_last, self.out_dir = save_best, rule, save_last, out_dir
+        self.kept: list[str] = []
+        self.best_value: float | None = None
+        self.best_path: str | None = None
+
+    def before_train(self, runner):
+        if self.by_epoch is None:
+            self.by_epoch = runner.by_epoch
+
+    def after_train_epoch(self, runner):
+        if not self.by_epoch:
+            return
+        last = runner.epoch >= runner.max_epochs
+        if runner.epoch % self.interval == 0 or (last and self.save_last):
+            runner.logger.info(f"Saving checkpoint at {runner.epoch} epochs")
+            self._save(runner, f"epoch_{runner.epoch}")
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if self.by_epoch:
+            return
+        last = runner.iter >= runner.max_iters
+        if runner.iter % self.interval == 0 or (last and self.save_last):
+            runner.logger.info(f"Saving checkpoint at {runner.iter} iterations")
+            self._save(runner, f"iter_{runner.iter}")
+
+    def _save(self, runner, name):
+        runner.save_checkpoint(name)
+        self.kept.append(name)
+        if self.max_keep_ckpts > 0:
+            while len(self.kept) > self.max_keep_ckpts:
+                shutil.rmtree(runner.checkpoint_dir / self.kept.pop(0), ignore_errors=True)
+
+    def after_val_epoch(self, runner, metrics=None):
+        if not self.save_best or not metrics:
+            return
+        key = next(iter(metrics)) if self.save_best == "auto" else self.save_best
+        if key not in metrics:
+            raise KeyError(f"CheckpointHook.save_best={self.save_best!r} is not among the metrics {sorted(metrics)}")
+        rule = self.rule or ("less" if "loss" in key else "greater")
+        value = float(metrics[key])
+        better = self.best_value is None or (value > self.best_value if rule == "greater" else value < self.best_value)
+        if not better:
+            return
+        self.best_value = value
+        unit, count = ("epoch", runner.epoch) if runner.by_epoch else ("iter", runner.iter)
+        name = f"best_{key.replace('/', '_')}_{unit}_{count}"
+        runner.save_checkpoint(name, update_last=False)
+        if self.best_path and self.best_path != name:
+            shutil.rmtree(runner.checkpoint_dir / self.best_path, ignore_errors=True)
+        self.best_path = name
+        runner.logger.info(f"The best checkpoint with {value:.4f} {key} at {count} {unit} is saved to {name}.")
+
+
+class EMAHook(Hook):
+    """An exponential moving average of the parameters, kept in the TrainState under ``"ema"``:
+    ``ema <- (1 - momentum) * ema + momentum * params`` after every train iteration from ``begin_iter``.
+    Validation and testing use the averaged weights."""
+
+    priority = "NORMAL"
+
+    def __init__(self, momentum: float = 0.0002, begin_iter: int = 0):
+        self.momentum, self.begin_iter = momentum, begin_iter
+
+    def extra_state(self, params):
+        return {"ema": {name: p.detach().clone() for name, p in params.items()}}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        state = runner.state
+        ema, params = list(state["ema"].values()), list(state["params"].values())
+        if runner.iter <= self.begin_iter:
+            torch._foreach_copy_(ema, params)
+        else:
+            torch._foreach_lerp_(ema, params, self.momentum)
+
+    def before_val_epoch(self, runner):
+        runner.eval_params_key = "ema"
+
+    def after_val_epoch(self, runner, metrics=None):
+        runner.eval_params_key = "params"
+
+    before_test_epoch = before_val_epoch
+    after_test_epoch = after_val_epoch
+
+
+class EarlyStoppingHook(Hook):
+    """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` validations, or became
+    non-finite, or reached ``stopping_threshold``."""
+
+    priority = "LOWEST"
+
+    def __init__(self, monitor: str, rule: str | None = None, min_delta: float = 0.1, strict: bool = False,
+                 check_finite: bool = True, patience: int = 5, stopping_threshold: float | None = None):
+        self.monitor, self.min_delta, self.strict = monitor, min_delta, strict
+        self.rule = rule or ("less" if "loss" in monitor else "greater")
+        self.check_finite, self.patience, self.stopping_threshold = check_finite, patience, stopping_threshold
+        self.best: float | None = None
+        self.wait = 0
+
+    def after_val_epoch(self, runner, metrics=None):
+        metrics = metrics or {}
+        if self.monitor not in metrics:
+            if self.strict:
+                raise KeyError(f"EarlyStoppingHook: monitor {self.monitor!r} not in metrics {sorted(metrics)}")
+            return
+        value = float(metrics[self.monitor])
+        sign = 1 if self.rule == "greater" else -1
+        reason = None
+        if self.check_finite and not math.isfinite(value):
+            reason = f"{self.monitor} is {value}"
+        elif self.stopping_threshold is not None and sign * (value - self.stopping_threshold) >= 0:
+            reason = f"{self.monitor} reached the threshold {self.stopping_threshold}"
+        elif self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                reason = f"{self.monitor} did not improve by {self.min_delta} for {self.patience} validations"
+        if reason:
+            runner.stop_training = True
+            runner.logger.info(f"Early stopping: {reason} (best {self.best}).")
+
+
+HOOKS = {cls.__name__: cls for cls in (LoggerHook, CheckpointHook, EMAHook, EarlyStoppingHook)}

@@ -1,0 +1,403 @@
+"""`Runner`: MMEngine's training front end as a thin driver over funceng's pure steps.
+
+It builds the TrainState and the steps from MMEngine-style configs, then threads the state through the train
+step, calls hooks at MMEngine's stages, and feeds eval outputs to the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from funceng import checkpoint as ckpt
+from funceng.evaluator import Evaluator
+from funceng.runner import build
+from funceng.runner.build import ConfigError
+from funceng.runner.hooks import HOOKS, CheckpointHook, Hook, LoggerHook
+from funceng.runner.log import ScalarWriter, close_logger, environment_banner, make_logger
+from funceng.state import TrainState
+from funceng.step import make_eval_step, make_train_step
+from funceng.tree import describe_difference, flatten
+
+DEFAULT_HOOKS = {"logger": LoggerHook, "checkpoint": CheckpointHook}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch) if not hasattr(batch, "_fields") else batch
+    return batch
+
+
+def _build_hook(cfg: Any, name: str, defaults: dict | None = None) -> Hook:
+    if isinstance(cfg, Hook):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{name}: expected a Hook or a dict, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    kind = cfg.pop("type", None)
+    if kind is None:
+        kind = DEFAULT_HOOKS.get(name.rpartition(".")[2])
+        if kind is None:
+            raise ConfigError(f"{name}: missing 'type'")
+    if isinstance(kind, str):
+        if kind not in HOOKS:
+            raise ConfigError(f"{name}.type: unknown hook {kind!r}; known: {sorted(HOOKS)} or pass the class")
+        kind = HOOKS[kind]
+    try:
+        return kind(**cfg)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+class Runner:
+    """Trains, validates, tests, logs and checkpoints a `BaseModel` from MMEngine-style arguments."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        work_dir: str | os.PathLike,
+        train_dataloader: Any = None,
+        val_dataloader: Any = None,
+        test_dataloader: Any = None,
+        train_cfg: Mapping | None = None,
+        val_cfg: Mapping | None = None,
+        test_cfg: Mapping | None = None,
+        optim_wrapper: Mapping | None = None,
+        param_scheduler: Mapping | Sequence[Mapping] | None = None,
+        val_evaluator: Any = None,
+        test_evaluator: Any = None,
+        default_hooks: Mapping | None = None,
+        custom_hooks: Sequence | None = None,
+        load_from: str | None = None,
+        resume: bool | str = False,
+        randomness: Mapping | None = None,
+        compile: bool | str = False,
+        experiment_name: str | None = None,
+        log_level: str = "INFO",
+        cfg: Any = None,
+        default_scope: str | None = None,
+        env_cfg: Mapping | None = None,
+        launcher: str = "none",
+    ):
+        self.work_dir = Path(work_dir).resolve()
+        if self.work_dir.exists() and not self.work_dir.is_dir():
+            raise ConfigError(f"work_dir {self.work_dir} exists and is a file; it must be a directory")
+        if train_dataloader is not None and (train_cfg is None or optim_wrapper is None):
+            missing = [n for n, v in (("train_cfg", train_cfg), ("optim_wrapper", optim_wrapper)) if v is None]
+            raise ConfigError(f"train_dataloader is set but {' and '.join(missing)} is missing")
+        evaluated = ((val_dataloader, val_evaluator, "val"), (test_dataloader, test_evaluator, "test"))
+        for loader, evaluator, name in evaluated:
+            if loader is not None and evaluator is None:
+                raise ConfigError(
+                    f"{name}_dataloader is set but {name}_evaluator is missing: pass "
+                    f"{name}_evaluator=dict(type=YourMetric) (a BaseMetric subclass)"
+                )
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module (a BaseModel), got {type(model).__name__}")
+        randomness = dict(randomness or {})
+        build.check_keys("randomness", randomness, {"seed", "deterministic", "diff_rank_seed"})
+        self.seed = randomness.get("seed")
+        if self.seed is None:
+            self.seed = random.SystemRandom().randrange(2**31)
+        self.deterministic = bool(randomness.get("deterministic", False))
+        self._seed_everything()
+
+        self.train_cfg = build.check_train_cfg(train_cfg) if train_cfg is not None else None
+        self.val_cfg, self.test_cfg = dict(val_cfg or {}), dict(test_cfg or {})
+        self.train_dataloader = build.build_dataloader(train_dataloader, "train_dataloader", self.seed)
+        self.val_dataloader = build.build_dataloader(val_dataloader, "val_dataloader")
+        self.test_dataloader = build.build_dataloader(test_dataloader, "test_dataloader")
+        self.val_evaluator = Evaluator(val_evaluator) if val_evaluator is not None else None
+        self.test_evaluator = Evaluator(test_evaluator) if test_evaluator is not None else None
+        self.optim_wrapper, self.param_scheduler = optim_wrapper, param_scheduler
+        self.load_from, self.resume_from = load_from, resume
+        self.compile = compile
+        self.experiment_name = experiment_name
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.hooks: list[Hook] = []
+        self._register_hooks(default_hooks or {}, custom_hooks or [])
+
+        self.timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
+        self.log_dir = self.work_dir / self.timestamp
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.logger = make_logger(self.log_dir / f"{self.timestamp}.log", log_level)
+        self.scalars = ScalarWriter(self.log_dir / "vis_data" / "scalars.json")
+        self.logger.info(environment_banner(self.seed, self.deterministic))
+
+        self.state: TrainState | None = None
+        self.tx = None
+        self._train_step = self._eval_step = None
+        self.epoch = self.iter = 0
+        self.stop_training = False
+        self.eval_params_key = "params"
+        self.timing = {"time": 0.0, "data_time": 0.0}
+
+    # -- properties MMEngine users reach for ------------------------------------------------------------------------
+
+    @property
+    def by_epoch(self) -> bool:
+        return self.train_cfg["by_epoch"] if self.train_cfg else True
+
+    @property
+    def max_epochs(self) -> int | None:
+        return self.train_cfg.get("max_epochs") if self.train_cfg and self.by_epoch else None
+
+    @property
+    def max_iters(self) -> int:
+        if self.train_cfg is None:
+            return 0
+        if self.by_epoch:
+            return self.train_cfg["max_epochs"] * len(self.train_dataloader)
+        return self.train_cfg["max_iters"]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work_dir
+
+    def describe_iter(self, iteration: int) -> str:
+        if self.by_epoch and self.train_dataloader is not None:
+            per_epoch = len(self.train_dataloader)
+            return f"epoch {(iteration - 1) // per_epoch + 1}, batch {(iteration - 1) % per_epoch + 1}"
+        return f"iteration {iteration} of {self.max_iters}"
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+
+    def _seed_everything(self) -> None:
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.manual_seed(self.seed)
+        if self.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+
+    def _register_hooks(self, default_hooks: Mapping, custom_hooks: Sequence) -> None:
+        build.check_keys("default_hooks", default_hooks,
+                         set(DEFAULT_HOOKS) | {"timer", "runtime_info", "param_scheduler", "sampler_seed",
+                                               "visualization"})
+        for name in DEFAULT_HOOKS:
+            cfg = default_hooks.get(name, {})
+            if cfg is None:  # explicitly disabled
+                continue
+            self.hooks.append(_build_hook(cfg, f"default_hooks.{name}"))
+        for i, cfg in enumerate(custom_hooks):
+            self.hooks.append(_build_hook(cfg, f"custom_hooks[{i}]"))
+        self.hooks.sort(key=lambda h: h.priority_value)
+
+    def call_hook(self, stage: str, **kwargs: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, stage)(self, **kwargs)
+
+    def _build_training(self) -> None:
+        if self.train_dataloader is None:
+            raise ConfigError("train() needs a train_dataloader")
+        if len(self.train_dataloader) == 0:
+            raise ConfigError("train_dataloader is empty (length 0): check the dataset, batch_size and drop_last")
+        epoch_length = len(self.train_dataloader)
+        opt_cfg = self.optim_wrapper.get("optimizer", {})
+        base_lr = opt_cfg.get("lr", 0.0) if isinstance(opt_cfg, Mapping) else 0.0
+        schedule = build.build_lr_schedule(self.param_scheduler, base_lr, epoch_length)
+        k = int(self.optim_wrapper.get("accumulative_counts", 1))
+        if schedule is not None and k > 1:  # the schedule runs in iterations; the optimizer sees every k-th one
+            per_iter = schedule
+            schedule = lambda count: per_iter(count * k + (k - 1))  # noqa: E731
+        self.tx, amp, accumulate, _ = build.build_optimizer(self.optim_wrapper, self.model, schedule)
+        self._create_state()
+        self._train_step = make_train_step(self.model, self.tx, compile=self.compile, amp=amp, donate=True)
+
+    def _create_state(self) -> None:
+        if self.state is not None:
+            return
+        tx = self.tx or build.build_optimizer(
+            {"optimizer": {"type": "SGD", "lr": 0.0}}, self.model)[0]
+        state = TrainState.create(self.model, tx, seed=self.seed)
+        extras = {}
+        params = dict(state["params"].items())
+        for hook in self.hooks:
+            extras.update(hook.extra_state(params))
+        if extras:
+            state = TrainState({**dict(state.unlock_().items()), **extras}, batch_size=[])
+            state.lock_()
+        self.state = state
+        if self.load_from:
+            self._load_weights(self.load_from)
+
+    def _eval_state(self) -> TrainState:
+        if self.eval_params_key == "params":
+            return self.state
+        view = TrainState({**dict(self.state.items()), "params": self.state[self.eval_params_key]}, batch_size=[])
+        return view
+
+    # -- loops ---------------------------------------------------------------------------------------------------
+
+    def train(self) -> nn.Module:
+        """Trains for ``train_cfg``'s length, validating every ``val_interval``; returns the trained model."""
+        if self.train_cfg is None:
+            raise ConfigError("train() needs train_cfg (by_epoch=True + max_epochs, or by_epoch=False + max_iters)")
+        self._build_training()
+        if self.resume_from:
+            self._resume()
+        self.logger.info(f"Checkpoints will be saved to {self.checkpoint_dir}.")
+        self.call_hook("before_run")
+        self.call_hook("before_train")
+        try:
+            if self.by_epoch:
+                self._train_epochs()
+            else:
+                self._train_iters()
+        finally:
+            self._sync_model()
+        self.call_hook("after_train")
+        self.call_hook("after_run")
+        return self.model
+
+    def _train_epochs(self) -> None:
+        while self.epoch < self.max_epochs and not self.stop_training:
+            self.call_hook("before_train_epoch")
+            for batch_idx, batch in self._timed(self.train_dataloader):
+                self._run_train_iter(batch_idx, batch)
+                if self.stop_training:
+                    break
+            self.epoch += 1
+            self.call_hook("after_train_epoch")
+            cfg = self.train_cfg
+            if self.val_dataloader is not None and self.epoch >= cfg["val_begin"] and (
+                self.epoch % cfg["val_interval"] == 0 or self.epoch == self.max_epochs
+            ):
+                self.val()
+
+    def _train_iters(self) -> None:
+        cfg = self.train_cfg
+        self.call_hook("before_train_epoch")
+        while self.iter < self.max_iters and not self.stop_training:
+            for batch_idx, batch in self._timed(self.train_dataloader):
+                self._run_train_iter(batch_idx, batch)
+                if self.val_dataloader is not None and self.iter >= cfg["val_begin"] and (
+                    self.iter % cfg["val_interval"] == 0 or self.iter == self.max_iters
+                ):
+                    self.val()
+                if self.iter >= self.max_iters or self.stop_training:
+                    break
+        self.call_hook("after_train_epoch")
+
+    def _timed(self, loader):
+        """``(index, batch)`` pairs, timing ``data_time``: the wait for each batch (MMEngine's IterTimerHook)."""
+        self._tick = time.perf_counter()
+        for index, batch in enumerate(loader):
+            self.timing["data_time"] = time.perf_counter() - self._tick
+            yield index, batch
+
+    def _end_iter_timer(self) -> None:
+        """``time``: the whole iteration, batch loading included."""
+        now = time.perf_counter()
+        self.timing["time"] = now - self._tick
+        self._tick = now
+
+    def _run_train_iter(self, batch_idx: int, batch: Any) -> None:
+        self.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
+        self.state, metrics = self._train_step(self.state, _to_device(batch, self.device))
+        self.iter += 1
+        self._end_iter_timer()
+        self.call_hook("after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
+
+    def val(self) -> dict[str, Any]:
+        """Runs the validation loop; returns the metrics."""
+        return self._evaluate("val", self.val_dataloader, self.val_evaluator)
+
+    def test(self) -> dict[str, Any]:
+        """Runs the test loop; returns the metrics."""
+        return self._evaluate("test", self.test_dataloader, self.test_evaluator)
+
+    def _evaluate(self, mode: str, loader: Any, evaluator: Evaluator | None) -> dict[str, Any]:
+        if loader is None or evaluator is None:
+            raise ConfigError(f"{mode}() needs {mode}_dataloader and {mode}_evaluator")
+        self._create_state()
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.model, compile=self.compile)
+        self.call_hook(f"before_{mode}")
+        self.call_hook(f"before_{mode}_epoch")
+        state = self._eval_state()
+        for batch_idx, batch in self._timed(loader):
+            self.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
+            outputs = self._eval_step(state, _to_device(batch, self.device))
+            evaluator.process(data_samples=outputs, data_batch=batch)
+            self._end_iter_timer()
+            self.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
+        metrics = evaluator.evaluate(len(loader.dataset) if hasattr(loader, "dataset") else len(loader))
+        self.call_hook(f"after_{mode}_epoch", metrics=metrics)
+        self.call_hook(f"after_{mode}")
+        self._sync_model()
+        return metrics
+
+    def _sync_model(self) -> None:
+        """Points the model at the current state's weights (compiled steps do not bind it)."""
+        if self.state is not None:
+            from funceng.binding import ModuleBinding
+
+            params, buffers = self.state["params"], self.state["buffers"]
+            ModuleBinding(self.model, list(params.keys()), list(buffers.keys())).bind(
+                list(params.values()), list(buffers.values()))
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "iter": self.iter, "seed": self.seed, "by_epoch": self.by_epoch}
+
+    def save_checkpoint(self, name: str, update_last: bool = True) -> Path:
+        """Saves the TrainState as ``work_dir/name``; ``last_checkpoint`` then names it."""
+        path = ckpt.save_state(self.state, self.checkpoint_dir / name, extra=self._checkpoint_extra())
+        if update_last:
+            last = self.checkpoint_dir / "last_checkpoint"
+            tmp = last.with_name(".last_checkpoint.tmp")
+            tmp.write_text(str(path))
+            os.replace(tmp, last)
+        return path
+
+    def _load_weights(self, path: str | os.PathLike) -> None:
+        loaded, _ = ckpt.load_state(path)
+        for part in ("params", "buffers"):
+            if set(loaded[part].keys()) != set(self.state[part].keys()):
+                raise ckpt.CheckpointError(
+                    f"load_from={path}: its {part} do not match the model's "
+                    f"(missing {sorted(set(self.state[part].keys()) - set(loaded[part].keys()))}, "
+                    f"unexpected {sorted(set(loaded[part].keys()) - set(self.state[part].keys()))})")
+            self.state[part].update_(loaded[part])
+        self.logger.info(f"Load checkpoint from {path}")
+
+    def _resume(self) -> None:
+        if self.resume_from is True:
+            last = self.checkpoint_dir / "last_checkpoint"
+            if not last.exists():
+                self.logger.info("resume=True but no last_checkpoint in work_dir: training from scratch.")
+                return
+            path = Path(last.read_text().strip())
+        else:
+            path = Path(self.resume_from)
+        loaded, extra = ckpt.load_state(path)
+        expected, _ = flatten(self.state)
+        got, _ = flatten(loaded)
+        if expected != got:
+            raise ckpt.CheckpointError(
+                f"resume={path}: the checkpoint's state does not match this run's model and optimizer: "
+                f"{describe_difference(expected, got)}")
+        self.state.update_(loaded)
+        self.epoch, self.iter = int(extra.get("epoch", 0)), int(extra.get("iter", 0))
+        self.logger.info(f"resumed epoch: {self.epoch}, iter: {self.iter} from {path}")
+
+    def __del__(self):
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            close_logger(logger)
