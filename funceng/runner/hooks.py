@@ -81,7 +81,8 @@ class LoggerHook(Hook):
         self._pending.append((runner.iter, {k: v for k, v in outputs.items() if k not in ("lr", "grad_norm")}))
         loader_len = len(runner.train_dataloader)
         end_of_epoch = runner.by_epoch and batch_idx + 1 == loader_len
-        if (batch_idx + 1) % self.interval == 0 or (not runner.by_epoch and runner.iter % self.interval == 0):
+        position = batch_idx + 1 if runner.by_epoch else runner.iter
+        if position % self.interval == 0 or (not runner.by_epoch and runner.iter == runner.max_iters):
             self._log_train(runner, batch_idx, outputs)
         elif end_of_epoch and (not self.ignore_last or loader_len <= self.interval):
             self._log_train(runner, batch_idx, outputs)
