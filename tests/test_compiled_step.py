@@ -52,3 +52,19 @@ def test_compiled_eval_step_matches_eager(fresh_dynamo):
     compiled = funceng.make_eval_step(model, predict, compile=True)(state, batch())
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     assert not counters["graph_break"]
+
+
+def test_compiled_runner_trains_base_model_in_one_train_and_one_eval_graph(fresh_dynamo, tmp_path):
+    from funceng.runner import Runner
+
+    from .runner_fixtures import runner_kwargs
+
+    runner = Runner(**runner_kwargs(
+        tmp_path, compile=True, default_hooks=dict(checkpoint=None),
+        param_scheduler=dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=20),
+    ))
+    runner.train()
+    assert runner.iter == 20
+    assert counters["stats"]["unique_graphs"] == 2  # one train step, one eval step: no recompiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(runner.model.net[0].weight.detach(), runner.state["params"]["net.0.weight"])

@@ -104,6 +104,8 @@ class Runner:
                     f"{name}_dataloader is set but {name}_evaluator is missing: pass "
                     f"{name}_evaluator=dict(type=YourMetric) (a BaseMetric subclass)"
                 )
+        if launcher != "none":
+            raise ConfigError(f"launcher={launcher!r}: distributed training is not implemented yet")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module (a BaseModel), got {type(model).__name__}")
         randomness = dict(randomness or {})
