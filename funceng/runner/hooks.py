@@ -45,6 +45,13 @@ class Hook:
     def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None: ...
     def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state saved in checkpoints, so a resumed run continues where it stopped."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what `state_dict` returned."""
+
     def extra_state(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Tensors this hook keeps in the TrainState (created once, saved and resumed with it)."""
         return {}
@@ -181,6 +188,12 @@ class CheckpointHook(Hook):
         if self.by_epoch is None:
             self.by_epoch = runner.by_epoch
 
+    def state_dict(self):
+        return {"kept": self.kept, "best_value": self.best_value, "best_path": self.best_path}
+
+    def load_state_dict(self, state):
+        self.kept, self.best_value, self.best_path = list(state["kept"]), state["best_value"], state["best_path"]
+
     def after_train_epoch(self, runner):
         if not self.by_epoch:
             return
@@ -269,6 +282,12 @@ class EarlyStoppingHook(Hook):
         self.check_finite, self.patience, self.stopping_threshold = check_finite, patience, stopping_threshold
         self.best: float | None = None
         self.wait = 0
+
+    def state_dict(self):
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state):
+        self.best, self.wait = state["best"], state["wait"]
 
     def after_val_epoch(self, runner, metrics=None):
         metrics = metrics or {}

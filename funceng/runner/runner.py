@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from funceng.runner import build
 from funceng.runner.build import ConfigError
 from funceng.runner.hooks import HOOKS, CheckpointHook, Hook, LoggerHook
 from funceng.runner.log import ScalarWriter, close_logger, environment_banner, make_logger
+from funceng.runner.resume import capture_rng, forked_rng, restore_rng, resume_position
 from funceng.state import TrainState
 from funceng.step import make_eval_step, make_train_step
 from funceng.tree import describe_difference, flatten
@@ -59,6 +61,17 @@ def _build_hook(cfg: Any, name: str, defaults: dict | None = None) -> Hook:
         return kind(**cfg)
     except TypeError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+def _jsonable(value: Any) -> Any:
+    """Config values for checkpoint metadata: classes and functions become their names."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__name__", repr(value))
 
 
 class Runner:
@@ -147,6 +160,10 @@ class Runner:
         self.stop_training = False
         self.eval_params_key = "params"
         self.timing = {"time": 0.0, "data_time": 0.0}
+        self._batches_done = 0  # batches of the current pass over the train loader already trained on
+        self._epoch_start_rng: dict[str, Any] = {}
+        self._resume_point: dict[str, Any] | None = None
+        self._signal: int | None = None
 
     # -- properties MMEngine users reach for ------------------------------------------------------------------------
 
@@ -255,12 +272,15 @@ class Runner:
         self.logger.info(f"Checkpoints will be saved to {self.checkpoint_dir}.")
         self.call_hook("before_run")
         self.call_hook("before_train")
+        previous = self._install_signal_handlers()
         try:
             if self.by_epoch:
                 self._train_epochs()
             else:
                 self._train_iters()
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self._sync_model()
         self.call_hook("after_train")
         self.call_hook("after_run")
@@ -269,12 +289,16 @@ class Runner:
     def _train_epochs(self) -> None:
         while self.epoch < self.max_epochs and not self.stop_training:
             self.call_hook("before_train_epoch")
-            for batch_idx, batch in self._timed(self.train_dataloader):
+            for batch_idx, batch in self._train_pass():
                 self._run_train_iter(batch_idx, batch)
                 if self.stop_training:
                     break
-            self.epoch += 1
-            self.call_hook("after_train_epoch")
+            else:
+                self._batches_done = 0
+                self.epoch += 1
+                self.call_hook("after_train_epoch")
+            if self.stop_training:
+                break
             cfg = self.train_cfg
             if self.val_dataloader is not None and self.epoch >= cfg["val_begin"] and (
                 self.epoch % cfg["val_interval"] == 0 or self.epoch == self.max_epochs
@@ -285,7 +309,7 @@ class Runner:
         cfg = self.train_cfg
         self.call_hook("before_train_epoch")
         while self.iter < self.max_iters and not self.stop_training:
-            for batch_idx, batch in self._timed(self.train_dataloader):
+            for batch_idx, batch in self._train_pass():
                 self._run_train_iter(batch_idx, batch)
                 if self.val_dataloader is not None and self.iter >= cfg["val_begin"] and (
                     self.iter % cfg["val_interval"] == 0 or self.iter == self.max_iters
@@ -293,12 +317,30 @@ class Runner:
                     self.val()
                 if self.iter >= self.max_iters or self.stop_training:
                     break
+            else:
+                self._batches_done = 0
         self.call_hook("after_train_epoch")
 
-    def _timed(self, loader):
+    def _train_pass(self):
+        """``(batch_idx, batch)`` over one pass of the train loader; after a resume, from the saved position."""
+        loader, point = self.train_dataloader, self._resume_point
+        self._resume_point = None
+        if point is None:
+            self._epoch_start_rng = capture_rng(loader)
+            return self._timed(loader)
+        if point["batch"] == 0:
+            restore_rng(point["rng"], loader)
+            self._epoch_start_rng = point["rng"]
+            return self._timed(loader)
+        self._epoch_start_rng = point["rng_epoch_start"]
+        source, how = resume_position(loader, point["batch"], point["rng_epoch_start"], point["rng"])
+        self.logger.info(f"Resuming the data loader at batch {point['batch']} of {len(loader)} (skipped by {how})")
+        return self._timed(source, start=point["batch"])
+
+    def _timed(self, loader, start: int = 0):
         """``(index, batch)`` pairs, timing ``data_time``: the wait for each batch (MMEngine's IterTimerHook)."""
         self._tick = time.perf_counter()
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(loader, start):
             self.timing["data_time"] = time.perf_counter() - self._tick
             yield index, batch
 
@@ -312,8 +354,11 @@ class Runner:
         self.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
         self.state, metrics = self._train_step(self.state, _to_device(batch, self.device))
         self.iter += 1
+        self._batches_done = batch_idx + 1
         self._end_iter_timer()
         self.call_hook("after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
+        if self._signal is not None:
+            self._checkpoint_and_exit()
 
     def val(self) -> dict[str, Any]:
         """Runs the validation loop; returns the metrics."""
@@ -332,12 +377,13 @@ class Runner:
         self.call_hook(f"before_{mode}")
         self.call_hook(f"before_{mode}_epoch")
         state = self._eval_state()
-        for batch_idx, batch in self._timed(loader):
-            self.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
-            outputs = self._eval_step(state, _to_device(batch, self.device))
-            evaluator.process(data_samples=outputs, data_batch=batch)
-            self._end_iter_timer()
-            self.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
+        with forked_rng(self.train_dataloader):  # evaluating must not change the next epoch's shuffle
+            for batch_idx, batch in self._timed(loader):
+                self.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
+                outputs = self._eval_step(state, _to_device(batch, self.device))
+                evaluator.process(data_samples=outputs, data_batch=batch)
+                self._end_iter_timer()
+                self.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
         metrics = evaluator.evaluate(len(loader.dataset) if hasattr(loader, "dataset") else len(loader))
         self.call_hook(f"after_{mode}_epoch", metrics=metrics)
         self.call_hook(f"after_{mode}")
@@ -356,15 +402,24 @@ class Runner:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def _checkpoint_extra(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "iter": self.iter, "seed": self.seed, "by_epoch": self.by_epoch}
+        return {
+            "epoch": self.epoch, "iter": self.iter, "batch": self._batches_done, "by_epoch": self.by_epoch,
+            "seed": self.seed, "rng": capture_rng(self.train_dataloader), "rng_epoch_start": self._epoch_start_rng,
+            "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks)},
+            "config": _jsonable({"train_cfg": self.train_cfg, "optim_wrapper": self.optim_wrapper,
+                                 "param_scheduler": self.param_scheduler, "compile": self.compile}),
+        }
 
     def save_checkpoint(self, name: str, update_last: bool = True) -> Path:
-        """Saves the TrainState as ``work_dir/name``; ``last_checkpoint`` then names it."""
+        """Saves the TrainState as ``work_dir/name`` atomically; ``last_checkpoint`` then names it."""
         path = ckpt.save_state(self.state, self.checkpoint_dir / name, extra=self._checkpoint_extra())
         if update_last:
             last = self.checkpoint_dir / "last_checkpoint"
             tmp = last.with_name(".last_checkpoint.tmp")
-            tmp.write_text(str(path))
+            with open(tmp, "w") as f:
+                f.write(str(path))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, last)
         return path
 
@@ -379,16 +434,38 @@ class Runner:
             self.state[part].update_(loaded[part])
         self.logger.info(f"Load checkpoint from {path}")
 
+    def _resume_candidates(self) -> list[Path]:
+        """``last_checkpoint``'s target first, then every other checkpoint in work_dir, newest first."""
+        candidates = []
+        last = self.checkpoint_dir / "last_checkpoint"
+        if last.exists():
+            candidates.append(Path(last.read_text().strip()))
+        found = []
+        for path in self.checkpoint_dir.iterdir():
+            if path.is_dir() and not path.name.startswith(".") and (path / "meta.json").exists():
+                try:
+                    found.append((int(ckpt.read_meta(path)["extra"].get("iter", -1)), path.name, path))
+                except (ckpt.CheckpointError, KeyError, TypeError, ValueError):
+                    found.append((-1, path.name, path))
+        candidates += [p for _, _, p in sorted(found, reverse=True) if p not in candidates]
+        return candidates
+
     def _resume(self) -> None:
         if self.resume_from is True:
-            last = self.checkpoint_dir / "last_checkpoint"
-            if not last.exists():
-                self.logger.info("resume=True but no last_checkpoint in work_dir: training from scratch.")
+            candidates = self._resume_candidates()
+            if not candidates:
+                self.logger.info("resume=True but work_dir has no checkpoint: training from scratch.")
                 return
-            path = Path(last.read_text().strip())
         else:
-            path = Path(self.resume_from)
-        loaded, extra = ckpt.load_state(path)
+            candidates = [Path(self.resume_from)]
+        for i, path in enumerate(candidates):
+            try:
+                loaded, extra = ckpt.load_state(path)
+                break
+            except ckpt.CheckpointError as exc:
+                if i + 1 == len(candidates):
+                    raise
+                self.logger.warning(f"Cannot resume from {path}: {exc}. Falling back to {candidates[i + 1]}.")
         expected, _ = flatten(self.state)
         got, _ = flatten(loaded)
         if expected != got:
@@ -396,8 +473,37 @@ class Runner:
                 f"resume={path}: the checkpoint's state does not match this run's model and optimizer: "
                 f"{describe_difference(expected, got)}")
         self.state.update_(loaded)
-        self.epoch, self.iter = int(extra.get("epoch", 0)), int(extra.get("iter", 0))
+        self.epoch, self.iter = int(extra["epoch"]), int(extra["iter"])
+        self._batches_done = int(extra.get("batch", 0))
+        self._resume_point = {"batch": self._batches_done, "rng": extra["rng"],
+                              "rng_epoch_start": extra.get("rng_epoch_start") or extra["rng"]}
+        for i, hook in enumerate(self.hooks):
+            hook_state = extra.get("hooks", {}).get(f"{i}:{type(hook).__name__}")
+            if hook_state:
+                hook.load_state_dict(hook_state)
         self.logger.info(f"resumed epoch: {self.epoch}, iter: {self.iter} from {path}")
+
+    # -- signals -------------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM / SIGINT finish the current iteration, save a checkpoint and exit (see `_checkpoint_and_exit`)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _checkpoint_and_exit(self) -> None:
+        name = signal.Signals(self._signal).name
+        path = self.save_checkpoint(f"iter_{self.iter}")
+        self.logger.info(f"Received {name}: saved checkpoint {path} at iteration {self.iter}; "
+                         "resume with resume=True. Exiting.")
+        self._sync_model()
+        raise SystemExit(128 + self._signal)
 
     def __del__(self):
         logger = getattr(self, "logger", None)

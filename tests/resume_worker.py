@@ -1,0 +1,105 @@
+"""A small training run that the resume tests kill and resume in subprocesses.
+
+    python tests/resume_worker.py WORK_DIR [--resume] [--kill-at N] [--sigterm-at N] [--sigint-at N]
+                                           [--kill-in-save N]
+                                           [--sleep S] [--checkpoint iter|epoch]
+
+It has everything that makes exact resumption hard: dropout, a user-built ``DataLoader(shuffle=True)`` with no
+generator, a dataset whose transform draws from the global RNG, validation every epoch, mid-epoch checkpoints and
+an lr schedule. On completion it writes the final TrainState to WORK_DIR/final.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from funceng import checkpoint  # noqa: E402
+from funceng.runner import Hook, Runner  # noqa: E402
+from tests.runner_fixtures import Accuracy, TinyNet, dataset  # noqa: E402
+
+
+class NoisyDataset(Dataset):
+    """Samples with Gaussian noise drawn from the global generator at fetch time, like a random augmentation."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.base = dataset(n, seed)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn(8), y
+
+
+class Interrupt(Hook):
+    def __init__(self, iteration: int, signum: int, sleep: float):
+        self.iteration, self.signum, self.sleep = iteration, signum, sleep
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if self.sleep:
+            time.sleep(self.sleep)
+        if runner.iter == self.iteration:
+            os.kill(os.getpid(), self.signum)
+
+
+def kill_during_save(after_files: int) -> None:
+    """SIGKILL this process after ``after_files`` more checkpoint files have been written."""
+    real_write, written = checkpoint._write, [0]
+
+    def write(path, data):
+        digest = real_write(path, data)
+        written[0] += 1
+        if written[0] == after_files:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return digest
+
+    checkpoint._write = write
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("work_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill-at", type=int, default=0)
+    parser.add_argument("--sigterm-at", type=int, default=0)
+    parser.add_argument("--sigint-at", type=int, default=0)
+    parser.add_argument("--kill-in-save", type=int, default=0)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--checkpoint", choices=["iter", "epoch"], default="iter")
+    args = parser.parse_args()
+
+    hooks = []
+    if args.kill_at or args.sleep:
+        hooks.append(Interrupt(args.kill_at, signal.SIGKILL, args.sleep))
+    if args.sigterm_at:
+        hooks.append(Interrupt(args.sigterm_at, signal.SIGTERM, 0.0))
+    if args.sigint_at:
+        hooks.append(Interrupt(args.sigint_at, signal.SIGINT, 0.0))
+    if args.kill_in_save:
+        kill_during_save(args.kill_in_save)
+    torch.manual_seed(0)  # the model is built before the Runner seeds anything, as in the seed tutorial
+    checkpoint_cfg = dict(interval=4, by_epoch=False) if args.checkpoint == "iter" else dict(interval=1)
+    runner = Runner(
+        model=TinyNet(dropout=0.3), work_dir=args.work_dir,
+        train_dataloader=DataLoader(NoisyDataset(120), batch_size=16, shuffle=True),
+        val_dataloader=DataLoader(NoisyDataset(32, seed=1), batch_size=16), val_evaluator=dict(type=Accuracy),
+        optim_wrapper=dict(optimizer=dict(type="AdamW", lr=0.01), clip_grad=dict(max_norm=1.0)),
+        param_scheduler=dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=24),
+        train_cfg=dict(by_epoch=True, max_epochs=3), default_hooks=dict(checkpoint=checkpoint_cfg),
+        custom_hooks=hooks, randomness=dict(seed=0), resume=args.resume,
+    )
+    runner.train()
+    checkpoint.save_state(runner.state, Path(args.work_dir) / "final")
+
+
+if __name__ == "__main__":
+    main()
