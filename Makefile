@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/functional_mlp.py
+	$(PY) examples/digits_cnn.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py

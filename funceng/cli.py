@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
+from pathlib import Path
 
 from funceng import checkpoint as ckpt
+from funceng.runner.build import ConfigError
 
 
 def inspect_checkpoint(path: str, out=None) -> int:
@@ -51,19 +54,80 @@ def _leaf_names(structure) -> list[str]:
     return [names[i] for i in sorted(names)]
 
 
+def _runner(args: argparse.Namespace, **overrides):
+    from funceng.config import apply_cfg_options, load_config
+    from funceng.runner import Runner
+
+    cfg = load_config(args.config)
+    runner_args = set(inspect.signature(Runner.__init__).parameters) - {"self"}
+    apply_cfg_options(cfg, args.cfg_options or [], new_top_level=runner_args)
+    cfg["work_dir"] = args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
+    cfg.update(overrides)
+    return Runner.from_cfg(cfg)
+
+
+def train(args: argparse.Namespace) -> int:
+    runner = _runner(args, **({"resume": True} if args.resume else {}))
+    runner.train()
+    _where(runner)
+    return 0
+
+
+def test(args: argparse.Namespace) -> int:
+    runner = _runner(args, load_from=args.checkpoint, resume=False)
+    metrics = runner.test() if runner.test_dataloader is not None else runner.val()
+    print(json.dumps(metrics, indent=2, default=float))
+    return 0
+
+
+def _where(runner) -> None:
+    print(f"logs:        {runner.log_dir / (runner.timestamp + '.log')}")
+    print(f"scalars:     {runner.log_dir / 'vis_data'}")
+    last = runner.work_dir / "last_checkpoint"
+    if last.exists():
+        print(f"checkpoints: {runner.work_dir} (newest: {last.read_text().strip()})")
+
+
+def plot(args: argparse.Namespace) -> int:
+    from funceng.plot import plot_run
+
+    for path in plot_run(args.work_dir, args.out):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from funceng import bench
+
     parser = argparse.ArgumentParser(prog="funceng", description="funceng: a functional training engine on PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="print and verify a checkpoint")
-    inspect.add_argument("checkpoint")
+    for name, helptext in (("train", "train from a config file"), ("test", "evaluate a checkpoint")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("config", help="a Python file of top-level variables (model, train_dataloader, ...)")
+        sub.add_argument("--work-dir", help="default: the config's work_dir, else work_dirs/<config name>")
+        sub.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
+                         help="override config values, e.g. train_cfg.max_epochs=3 optim_wrapper.optimizer.lr=0.1")
+        if name == "train":
+            sub.add_argument("--resume", action="store_true", help="resume from the work_dir's last checkpoint")
+        else:
+            sub.add_argument("--checkpoint", required=True, help="a funceng checkpoint directory")
+    inspect_cmd = commands.add_parser("inspect", help="print and verify a checkpoint")
+    inspect_cmd.add_argument("checkpoint")
+    plot_cmd = commands.add_parser("plot", help="render loss, lr and metric curves of a work_dir to PNG")
+    plot_cmd.add_argument("work_dir")
+    plot_cmd.add_argument("--out", help="output folder (default: <run>/plots)")
+    bench.add_arguments(commands.add_parser("bench", help="time funceng steps against a plain PyTorch loop"))
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             return inspect_checkpoint(args.checkpoint)
-    except ckpt.CheckpointError as exc:
+        if args.command == "bench":
+            bench.run(args)
+            return 0
+        return {"train": train, "test": test, "plot": plot}[args.command](args)
+    except (ckpt.CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"funceng: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

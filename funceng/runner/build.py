@@ -329,6 +329,18 @@ def build_dataloader(cfg: Any, name: str, seed: int | None = None) -> Any:
         raise ConfigError(f"{name}: {exc}") from exc
 
 
+def build_model(cfg: Any) -> nn.Module:
+    if isinstance(cfg, nn.Module):
+        return cfg
+    if not isinstance(cfg, Mapping) or "type" not in cfg or isinstance(cfg["type"], str):
+        raise ConfigError(f"model: expected an nn.Module or dict(type=ModelClass, ...), got {cfg!r}")
+    cfg = dict(cfg)
+    model = cfg.pop("type")(**cfg)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {type_name(type(model))} is not an nn.Module")
+    return model
+
+
 def build_metric(cfg: Any) -> BaseMetric:
     if isinstance(cfg, BaseMetric):
         return cfg

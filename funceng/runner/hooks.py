@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from funceng.runner.log import Window, cuda_memory_mb, epoch_end_line, header, iteration_line
+from funceng.runner.log import ProgressBar, Window, cuda_memory_mb, epoch_end_line, header, iteration_line
 
 if TYPE_CHECKING:
     from funceng.runner.runner import Runner
@@ -66,13 +67,21 @@ class LoggerHook(Hook):
     to ``vis_data/scalars.json``, and stops a run whose loss became non-finite, naming the iteration.
 
     Losses stay on the device between log lines, so a compiled step is never synced more than once per line.
+    ``progress``: ``True`` shows a live bar (eta, it/s, loss) instead of printing iteration lines to the terminal
+    (the log file still gets every line); ``"auto"`` does so when stdout is a terminal.
     """
 
     priority = "BELOW_NORMAL"
 
-    def __init__(self, interval: int = 10, ignore_last: bool = True, log_metric_by_epoch: bool = True):
+    def __init__(self, interval: int = 10, ignore_last: bool = True, log_metric_by_epoch: bool = True,
+                 progress: bool | str = "auto"):
+        if progress not in (True, False, "auto"):
+            raise ValueError(f"LoggerHook.progress must be True, False or 'auto', got {progress!r}")
         self.interval = interval
         self.ignore_last = ignore_last
+        self.progress = progress
+        self._bar: ProgressBar | None = None
+        self._bar_postfix: dict[str, float] = {}
         self._windows: dict[str, Window] = {}
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
 
@@ -81,6 +90,26 @@ class LoggerHook(Hook):
 
     def before_train(self, runner):
         self._windows.clear()
+        self._show_bar = self.progress is True or (self.progress == "auto" and sys.stdout.isatty())
+        runner.logger.terminal_filter.quiet = self._show_bar
+
+    def before_train_epoch(self, runner):
+        if self._show_bar and runner.by_epoch:
+            self._bar = ProgressBar(len(runner.train_dataloader), f"Epoch {runner.epoch + 1}/{runner.max_epochs}",
+                                    initial=runner._batches_done)
+        elif self._show_bar:
+            self._bar = ProgressBar(runner.max_iters, "Iter", initial=runner.iter)
+
+    def after_train_epoch(self, runner):
+        if self._bar is not None and runner.by_epoch:
+            self._bar.close()
+            self._bar = None
+
+    def after_train(self, runner):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        runner.logger.terminal_filter.quiet = False
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self._window("time").update(runner.timing["time"])
@@ -95,6 +124,9 @@ class LoggerHook(Hook):
             self._log_train(runner, batch_idx, outputs)
         elif end_of_epoch:
             self._drain(runner)
+        if self._bar is not None:
+            self._bar.update(**self._bar_postfix)
+            self._bar_postfix = {}
 
     def _drain(self, runner) -> dict[str, float]:
         """Moves pending device scalars into the windows (one sync) and checks the loss is finite."""
@@ -130,7 +162,9 @@ class LoggerHook(Hook):
         ordered["loss"] = scalars["loss"]
         if "grad_norm" in outputs:
             ordered["grad_norm"] = outputs["grad_norm"].item()
-        runner.logger.info(iteration_line(head, lr, eta, time_mean, self._window("data_time").mean(), memory, ordered))
+        line = iteration_line(head, lr, eta, time_mean, self._window("data_time").mean(), memory, ordered)
+        runner.logger.info(line, extra={"iteration_line": True})
+        self._bar_postfix = {"loss": scalars["loss"], **({"lr": lr} if lr is not None else {})}
         record = {"lr": lr, "data_time": self._window("data_time").mean(), "time": time_mean, **ordered,
                   "epoch": runner.epoch + 1 if runner.by_epoch else None, "iter": runner.iter}
         if memory is not None:
@@ -150,8 +184,9 @@ class LoggerHook(Hook):
         if (batch_idx + 1) % self.interval == 0:
             head = self._val_header(runner, batch_idx + 1, total)
             eta = self._val_time.global_mean() * (total - batch_idx - 1)
-            runner.logger.info(iteration_line(head, None, eta, self._val_time.mean(), self._val_data_time.mean(),
-                                              cuda_memory_mb(runner.device), {}))
+            line = iteration_line(head, None, eta, self._val_time.mean(), self._val_data_time.mean(),
+                                  cuda_memory_mb(runner.device), {})
+            runner.logger.info(line, extra={"iteration_line": True})
 
     def _val_header(self, runner, index, total):
         if runner.by_epoch:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import sys
 from collections import deque
@@ -19,12 +18,28 @@ LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
 
 
+class IterationLineFilter(logging.Filter):
+    """Keeps per-iteration lines off the terminal while a progress bar shows them (the log file keeps them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.quiet = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.quiet and getattr(record, "iteration_line", False))
+
+
 def make_logger(log_file: Path | None, level: str = "INFO") -> logging.Logger:
-    """A private logger named ``funceng`` writing to stdout and, on the main process, to ``log_file``."""
+    """A private logger named ``funceng`` writing to stdout and, on the main process, to ``log_file``.
+
+    ``logger.terminal_filter`` (an `IterationLineFilter`) can hide per-iteration lines from the terminal.
+    """
     logger = logging.Logger("funceng", level=level)
     formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(formatter)
+    logger.terminal_filter = IterationLineFilter()
+    stream.addFilter(logger.terminal_filter)
     logger.addHandler(stream)
     if log_file is not None:
         file = logging.FileHandler(log_file, mode="w")
@@ -69,6 +84,23 @@ def environment_banner(seed: int, deterministic: bool) -> str:
         "-" * 60,
     ]
     return "\n".join(lines)
+
+
+class ProgressBar:
+    """A live bar on stderr with eta, it/s and the latest logged loss and lr."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=True, file=sys.stderr)
+
+    def update(self, **postfix: float) -> None:
+        self.bar.update(1)
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4f}" if k != "lr" else f"{v:.2e}" for k, v in postfix.items()})
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Window:
@@ -125,20 +157,3 @@ def cuda_memory_mb(device: torch.device) -> int | None:
     memory = torch.cuda.max_memory_allocated(device) // (1024 * 1024)
     torch.cuda.reset_peak_memory_stats(device)
     return int(memory)
-
-
-class ScalarWriter:
-    """``vis_data/scalars.json``: one JSON object a line, each with its ``step`` (MMEngine's LocalVisBackend)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, scalars: dict[str, Any], step: int) -> None:
-        if self.path is None:
-            return
-        record = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}
-        record["step"] = step
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")

@@ -23,8 +23,9 @@ from funceng.evaluator import Evaluator
 from funceng.runner import build
 from funceng.runner.build import ConfigError
 from funceng.runner.hooks import HOOKS, CheckpointHook, Hook, LoggerHook
-from funceng.runner.log import ScalarWriter, close_logger, environment_banner, make_logger
+from funceng.runner.log import close_logger, environment_banner, make_logger
 from funceng.runner.resume import capture_rng, forked_rng, restore_rng, resume_position
+from funceng.runner.visualizer import Visualizer
 from funceng.state import TrainState
 from funceng.step import make_eval_step, make_train_step
 from funceng.tree import describe_difference, flatten
@@ -103,6 +104,7 @@ class Runner:
         default_scope: str | None = None,
         env_cfg: Mapping | None = None,
         launcher: str = "none",
+        visualizer: Mapping | None = None,
     ):
         self.work_dir = Path(work_dir).resolve()
         if self.work_dir.exists() and not self.work_dir.is_dir():
@@ -148,9 +150,15 @@ class Runner:
 
         self.timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
         self.log_dir = self.work_dir / self.timestamp
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):  # two runs started within a second must not share a log
+            try:
+                self.log_dir.mkdir(parents=True)
+                break
+            except FileExistsError:
+                self.timestamp = f"{self.timestamp.split('-')[0]}-{n}"
+                self.log_dir = self.work_dir / self.timestamp
         self.logger = make_logger(self.log_dir / f"{self.timestamp}.log", log_level)
-        self.scalars = ScalarWriter(self.log_dir / "vis_data" / "scalars.json")
+        self.scalars = Visualizer.from_cfg(self.log_dir / "vis_data", visualizer)
         self.logger.info(environment_banner(self.seed, self.deterministic))
 
         self.state: TrainState | None = None
@@ -164,6 +172,23 @@ class Runner:
         self._epoch_start_rng: dict[str, Any] = {}
         self._resume_point: dict[str, Any] | None = None
         self._signal: int | None = None
+        self.last_metrics: dict[str, Any] = {}  # of the latest validation or test
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> Runner:
+        """A Runner from a config's variables (see `funceng.config.load_config`); other variables are ignored.
+
+        ``model`` may be a module or a dict with ``type`` (a class) and its keyword arguments.
+        """
+        import inspect
+
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        kwargs = {k: v for k, v in cfg.items() if k in names}
+        if "model" not in kwargs or "work_dir" not in kwargs:
+            missing = [k for k in ("model", "work_dir") if k not in kwargs]
+            raise ConfigError(f"config: missing {missing}")
+        kwargs["model"] = build.build_model(kwargs["model"])
+        return cls(**kwargs)
 
     # -- properties MMEngine users reach for ------------------------------------------------------------------------
 
@@ -385,6 +410,7 @@ class Runner:
                 self._end_iter_timer()
                 self.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
         metrics = evaluator.evaluate(len(loader.dataset) if hasattr(loader, "dataset") else len(loader))
+        self.last_metrics = metrics
         self.call_hook(f"after_{mode}_epoch", metrics=metrics)
         self.call_hook(f"after_{mode}")
         self._sync_model()
@@ -509,3 +535,6 @@ class Runner:
         logger = getattr(self, "logger", None)
         if logger is not None:
             close_logger(logger)
+        scalars = getattr(self, "scalars", None)
+        if scalars is not None:
+            scalars.close()

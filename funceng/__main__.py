@@ -1,0 +1,5 @@
+import sys
+
+from funceng.cli import main
+
+sys.exit(main())

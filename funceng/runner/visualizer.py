@@ -1,0 +1,76 @@
+"""Where scalars go: ``vis_data/scalars.json`` (LocalVisBackend) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from funceng.runner.build import ConfigError, check_keys, type_name
+
+
+class LocalVisBackend:
+    """JSON lines in ``<save_dir>/scalars.json``, each with its ``step``, as MMEngine's LocalVisBackend."""
+
+    def __init__(self, save_dir: Path):
+        save_dir.mkdir(parents=True, exist_ok=True)
+        self.path = save_dir / "scalars.json"
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**scalars, "step": step}) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class TensorboardVisBackend:
+    """TensorBoard event files in ``<save_dir>`` (``pip install tensorboard``)."""
+
+    def __init__(self, save_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard is an optional extra
+            raise ConfigError("TensorboardVisBackend needs the tensorboard package: pip install tensorboard") from exc
+        self.writer = SummaryWriter(str(save_dir))
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+BACKENDS = {"LocalVisBackend": LocalVisBackend, "TensorboardVisBackend": TensorboardVisBackend}
+
+
+class Visualizer:
+    """Sends each record of scalars to every backend; non-numeric and ``None`` values are dropped."""
+
+    def __init__(self, save_dir: Path, vis_backends: Sequence[Mapping[str, Any]] | None = None):
+        self.backends = []
+        for i, cfg in enumerate(vis_backends or [{"type": "LocalVisBackend"}]):
+            check_keys(f"visualizer.vis_backends[{i}]", cfg, {"type"})
+            name = type_name(cfg.get("type"))
+            if name not in BACKENDS:
+                raise ConfigError(f"visualizer.vis_backends[{i}].type: unknown backend {name!r}; "
+                                  f"supported: {sorted(BACKENDS)}")
+            self.backends.append(BACKENDS[name](save_dir))
+
+    @classmethod
+    def from_cfg(cls, save_dir: Path, cfg: Mapping[str, Any] | None) -> Visualizer:
+        cfg = dict(cfg or {})
+        check_keys("visualizer", cfg, {"type", "vis_backends", "name"})
+        return cls(save_dir, cfg.get("vis_backends"))
+
+    def write(self, scalars: dict[str, Any], step: int) -> None:
+        numeric = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for backend in self.backends:
+            backend.add_scalars(numeric, step)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
