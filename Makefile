@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(PY) examples/digits_cnn.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/step_overhead.py
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m funceng bench --quick --results benchmarks/RESULTS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,112 @@
-"""Per-step time of a plain eager torch.optim loop vs funceng eager vs funceng compiled (see funceng.bench).
+"""Per-step time: plain eager torch.optim loop vs funceng eager vs funceng compiled, side by side.
 
     python benchmarks/step_overhead.py [--windows 15] [--steps 50]
+
+Systems are interleaved window by window (so machine drift hits all alike) and the median window is reported.
 """
 
-from funceng.bench import main
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import funceng
+from funceng import optim
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    )
+
+
+WORKLOADS = {
+    "mlp 64-256-256-10, batch 128": (mlp, lambda: torch.randn(128, 64)),
+    "small cnn 32x32, batch 32": (small_cnn, lambda: torch.randn(32, 3, 32, 32)),
+}
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def plain_loop(model: nn.Module, batch):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run
+
+
+def funceng_loop(model: nn.Module, batch, compile: bool):
+    tx = optim.sgd(0.01, momentum=0.9)
+    state = funceng.TrainState.create(model, tx)
+    step = funceng.make_train_step(model, tx, loss_fn, compile=compile)
+    holder = [state]
+
+    def run():
+        holder[0], metrics = step(holder[0], batch)
+        return metrics["loss"]
+
+    return run
+
+
+def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
+    make_model, make_x = WORKLOADS[workload]
+    torch.manual_seed(0)
+    base = make_model()
+    x = make_x()
+    batch = (x, torch.randint(0, 10, (x.shape[0],)))
+    systems = {
+        "plain eager torch.optim": plain_loop(copy.deepcopy(base), batch),
+        "funceng eager": funceng_loop(copy.deepcopy(base), batch, compile=False),
+        "funceng compiled": funceng_loop(copy.deepcopy(base), batch, compile=True),
+    }
+    for run in systems.values():  # warm-up, compilation included
+        for _ in range(steps):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(windows):
+        for name, run in systems.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=15, help="timed windows per system (median reported)")
+    parser.add_argument("--steps", type=int, default=50, help="steps per window")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, funceng {funceng.__version__}")
+    print("| workload | system | step time (ms) | vs plain |")
+    print("|---|---|---:|---:|")
+    for workload in WORKLOADS:
+        result = measure(workload, args.windows, args.steps)
+        plain = result["plain eager torch.optim"]
+        for name, t in result.items():
+            print(f"| {workload} | {name} | {t * 1e3:.3f} | {t / plain:.2f}x |", flush=True)
+
 
 if __name__ == "__main__":
     main()

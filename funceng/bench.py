@@ -1,30 +1,58 @@
-"""Per-step time: plain eager torch.optim loop vs funceng eager vs funceng compiled, side by side.
+"""`funceng bench`: one training job through several systems, measured side by side.
 
-    funceng bench [--windows 15] [--steps 50]      (or: python benchmarks/step_overhead.py)
+Systems: (a) a hand-written eager PyTorch loop, (b) the same loop on ``torch.compile(model)``, (c) MMEngine's
+Runner and (d) Lightning's Trainer when installed (``pip install funceng[bench]``), (e) funceng's Runner eager,
+(f) compiled and (g) compiled with CUDA graphs (CUDA only). Workloads: an MLP, a small CNN, ResNet-18 on
+CIFAR-shaped data and a small GPT-style decoder; all train with SGD (momentum 0.9), bf16 autocast on CUDA.
 
-Systems are interleaved window by window (so machine drift hits all alike) and the median window is reported.
+Each (system, workload) pair runs in its own process. A controller called after every train step (a hook, a
+callback or a line of the loop) reports to this process and waits, so timed windows are interleaved across
+systems and machine drift affects them alike. Reported: steps/s (median window after a warm-up window), the
+ratio to (a), time to first step (set-up and compilation; for compiled systems also from a second launch that
+finds the compile cache warm), and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS above the
+process's RSS before the model was built).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
 import statistics
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+SYSTEMS = {
+    "a": "torch eager loop",
+    "b": "torch loop, torch.compile(model)",
+    "c": "MMEngine Runner",
+    "d": "Lightning Trainer",
+    "e": "funceng eager",
+    "f": "funceng compiled",
+    "g": "funceng compiled + CUDA graphs",
+}
+COMPILED = {"b", "f", "g"}
+LR, MOMENTUM, DISTINCT_BATCHES = 0.01, 0.9, 8
 
-import funceng
-from funceng import optim
 
+# -- workloads (built inside the workers) ---------------------------------------------------------------------------
 
-def mlp() -> nn.Module:
+def _mlp():
+    from torch import nn
+
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-def small_cnn() -> nn.Module:
+def _cnn():
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
@@ -32,81 +60,428 @@ def small_cnn() -> nn.Module:
     )
 
 
+def _resnet18():
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _gpt():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, dim: int, heads: int):
+            super().__init__()
+            self.heads = heads
+            self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).unbind(2)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+            x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
+            return x + self.mlp(self.ln2(x))
+
+    class GPT(nn.Module):
+        def __init__(self, vocab: int = 256, context: int = 64, dim: int = 128, layers: int = 2, heads: int = 4):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+            self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(layers)])
+            self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+            return self.head(self.ln(self.blocks(x)))
+
+    return GPT()
+
+
+@dataclass(frozen=True)
+class Workload:
+    build: Any
+    batch_size: int
+    quick_batch_size: int
+    input_shape: tuple[int, ...]
+    classes: int
+    tokens: bool = False
+
+
 WORKLOADS = {
-    "mlp 64-256-256-10, batch 128": (mlp, lambda: torch.randn(128, 64)),
-    "small cnn 32x32, batch 32": (small_cnn, lambda: torch.randn(32, 3, 32, 32)),
+    "mlp": Workload(_mlp, 128, 128, (64,), 10),
+    "cnn": Workload(_cnn, 32, 32, (3, 32, 32), 10),
+    "resnet18": Workload(_resnet18, 32, 8, (3, 32, 32), 10),
+    "gpt": Workload(_gpt, 16, 8, (64,), 256, tokens=True),
 }
 
 
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
+def _batches(workload: Workload, batch_size: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(DISTINCT_BATCHES):
+        if workload.tokens:
+            seq = torch.randint(0, workload.classes, (batch_size, workload.input_shape[0] + 1), generator=gen)
+            out.append((seq[:, :-1], seq[:, 1:]))
+        else:
+            out.append((torch.randn(batch_size, *workload.input_shape, generator=gen),
+                        torch.randint(0, workload.classes, (batch_size,), generator=gen)))
+    return out
 
 
-def plain_loop(model: nn.Module, batch):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def _loss(out, y):
+    import torch.nn.functional as F
 
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return run
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def funceng_loop(model: nn.Module, batch, compile: bool):
-    tx = optim.sgd(0.01, momentum=0.9)
-    state = funceng.TrainState.create(model, tx)
-    step = funceng.make_train_step(model, tx, loss_fn, compile=compile)
-    holder = [state]
+# -- the worker side ------------------------------------------------------------------------------------------------
 
-    def run():
-        holder[0], metrics = step(holder[0], batch)
-        return metrics["loss"]
-
-    return run
+class _Stop(Exception):
+    """Raised from inside a trainer's loop to end the run."""
 
 
-def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
-    make_model, make_x = WORKLOADS[workload]
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Controller:
+    """Called after every train step: reports the first step and each timed window, then waits for a command."""
+
+    def __init__(self, conn, steps: int, device):
+        self.conn, self.steps, self.device = conn, steps, device
+        self.count, self.first = 0, True
+        self.start = time.perf_counter()
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def after_step(self) -> None:
+        self.count += 1
+        if self.first:
+            self._sync()
+            self.first = False
+            self.conn.send(("ready", time.perf_counter() - self.start))
+            self._wait()
+        elif self.count == self.steps:
+            self._sync()
+            self.conn.send(("window", time.perf_counter() - self.start))
+            self._wait()
+
+    def _wait(self) -> None:
+        if self.conn.recv() != "window":
+            raise _Stop
+        self.count, self.start = 0, time.perf_counter()
+
+
+def _device_batches(batches, device):
+    return [(x.to(device), y.to(device)) for x, y in batches] if device.type == "cuda" else batches
+
+
+def _torch_loop(model, batches, ctl, device, amp, compiled):
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    forward = torch.compile(model) if compiled else model
+    batches = _device_batches(batches, device)
+    while True:
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = _loss(forward(x), y)
+            loss.backward()
+            opt.step()
+            ctl.after_step()
+
+
+def _dataloader(batches):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def _mmengine(model, batches, ctl, device, amp, work_dir):
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Wrapped(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, y, mode="loss"):
+            return {"loss": _loss(self.net(x), y)}
+
+    class ControllerHook(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            ctl.after_step()
+
+    wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16") if amp else dict(type="OptimWrapper")
+    runner = Runner(
+        model=Wrapped(), work_dir=work_dir, train_dataloader=_dataloader(batches),
+        optim_wrapper=dict(**wrapper, optimizer=dict(type="SGD", lr=LR, momentum=MOMENTUM)),
+        train_cfg=dict(by_epoch=True, max_epochs=10**6),
+        default_hooks=dict(checkpoint=None, sampler_seed=None, logger=dict(type="LoggerHook", interval=10**9)),
+        custom_hooks=[ControllerHook()], log_level="WARNING",
+    )
+    runner.train()
+
+
+def _lightning(model, batches, ctl, device, amp, work_dir):
+    import lightning
+    import torch
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return _loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    class ControllerCallback(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ctl.after_step()
+
+    trainer = lightning.Trainer(
+        accelerator=device.type if device.type == "cuda" else "cpu", devices=1, max_epochs=-1,
+        precision="bf16-mixed" if amp else "32-true", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[ControllerCallback()],
+        default_root_dir=work_dir, num_sanity_val_steps=0,
+    )
+    trainer.fit(Module(), _dataloader(batches))
+
+
+def _funceng(model, batches, ctl, device, amp, work_dir, compile):
+    import logging
+
+    from funceng.model import BaseModel
+    from funceng.runner import Hook, Runner
+
+    class Wrapped(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, y, mode="loss"):
+            return {"loss": _loss(self.net(x), y)}
+
+    class ControllerHook(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            ctl.after_step()
+
+    wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16") if amp else {}
+    runner = Runner(
+        model=Wrapped(), work_dir=work_dir, train_dataloader=_dataloader(batches),
+        optim_wrapper=dict(**wrapper, optimizer=dict(type="SGD", lr=LR, momentum=MOMENTUM)),
+        train_cfg=dict(by_epoch=True, max_epochs=10**6), compile=compile, log_level="WARNING",
+        default_hooks=dict(checkpoint=None, logger=dict(interval=10**9, progress=False)),
+        custom_hooks=[ControllerHook()], randomness=dict(seed=0),
+    )
+    runner.logger.setLevel(logging.WARNING)
+    runner.train()
+
+
+def _worker(system: str, workload_name: str, batch_size: int, steps: int, cache_dir: str, conn) -> None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # shared by a system's cold and warm launches
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    workload = WORKLOADS[workload_name]
     torch.manual_seed(0)
-    base = make_model()
-    x = make_x()
-    batch = (x, torch.randint(0, 10, (x.shape[0],)))
-    systems = {
-        "plain eager torch.optim": plain_loop(copy.deepcopy(base), batch),
-        "funceng eager": funceng_loop(copy.deepcopy(base), batch, compile=False),
-        "funceng compiled": funceng_loop(copy.deepcopy(base), batch, compile=True),
+    batches = _batches(workload, batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = _rss_mb()
+    ctl = Controller(conn, steps, device)
+    model = workload.build().to(device)
+    try:
+        with tempfile.TemporaryDirectory() as work_dir:
+            if system in ("a", "b"):
+                _torch_loop(model, batches, ctl, device, amp, compiled=system == "b")
+            elif system == "c":
+                _mmengine(model, batches, ctl, device, amp, work_dir)
+            elif system == "d":
+                _lightning(model, batches, ctl, device, amp, work_dir)
+            else:
+                compile = {"e": False, "f": True, "g": {"mode": "reduce-overhead"}}[system]
+                _funceng(model, batches, ctl, device, amp, work_dir, compile)
+    except _Stop:
+        pass
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    conn.send(("memory", peak))
+
+
+# -- the parent side ------------------------------------------------------------------------------------------------
+
+def _unavailable(system: str, workload: str, cuda: bool) -> str | None:
+    import importlib.util
+
+    if system == "g" and not cuda:
+        return "CUDA only"
+    if system == "c" and importlib.util.find_spec("mmengine") is None:
+        return "MMEngine not installed (pip install funceng[bench])"
+    if system == "d" and importlib.util.find_spec("lightning") is None:
+        return "Lightning not installed (pip install funceng[bench])"
+    if workload == "resnet18" and importlib.util.find_spec("torchvision") is None:
+        return "torchvision not installed"
+    return None
+
+
+class _Worker:
+    def __init__(self, ctx, system, workload, batch_size, steps, cache_dir: str):
+        self.conn, child = ctx.Pipe()
+        args = (system, workload, batch_size, steps, cache_dir, child)
+        self.proc = ctx.Process(target=_worker, args=args, daemon=True)
+        self.proc.start()
+
+    def ask(self, command: str | None = None, timeout: float = 1800) -> tuple[str, float]:
+        if command is not None:
+            self.conn.send(command)
+        if not self.conn.poll(timeout):
+            raise TimeoutError("benchmark worker did not answer")
+        return self.conn.recv()
+
+    def finish(self) -> float:
+        kind, peak = self.ask("stop")
+        self.proc.join(60)
+        return peak
+
+
+def run_suite(workloads: list[str], systems: list[str], windows: int, steps: int, quick: bool) -> dict[str, Any]:
+    import torch
+
+    ctx = mp.get_context("spawn")
+    cuda = torch.cuda.is_available()
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
+                                                             f"{torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "windows": windows, "steps": steps,
+        "quick": quick, "workloads": {},
     }
-    for run in systems.values():  # warm-up, compilation included
-        for _ in range(steps):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(windows):
-        for name, run in systems.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    for name in workloads:
+        workload = WORKLOADS[name]
+        batch_size = workload.quick_batch_size if quick else workload.batch_size
+        rows: dict[str, dict[str, Any]] = {}
+        live: dict[str, _Worker] = {}
+        cache_dir = tempfile.mkdtemp(prefix="funceng-bench-cache-")
+        for system in systems:
+            reason = _unavailable(system, name, cuda)
+            if reason:
+                rows[system] = {"system": SYSTEMS[system], "skipped": reason}
+                continue
+            worker = _Worker(ctx, system, name, batch_size, steps, cache_dir)  # one at a time: no contention
+            try:
+                kind, first = worker.ask()
+            except EOFError:
+                rows[system] = {"system": SYSTEMS[system], "skipped": "failed: its traceback is on stderr"}
+                continue
+            live[system] = worker
+            rows[system] = {"system": SYSTEMS[system], "first_step_s": first, "windows_s": []}
+            print(f"  {name}: {SYSTEMS[system]} ready after {first:.1f} s", file=sys.stderr, flush=True)
+        order = list(live)
+        for window in range(windows + 1):  # the first window is a warm-up
+            for system in order[window % len(order):] + order[: window % len(order)]:
+                kind, seconds = live[system].ask("window")
+                if window:
+                    rows[system]["windows_s"].append(seconds)
+        for system, worker in live.items():
+            rows[system]["peak_memory_mb"] = worker.finish()
+            rows[system]["steps_per_s"] = steps / statistics.median(rows[system]["windows_s"])
+        for system in [s for s in live if s in COMPILED]:  # a second launch with the cache now warm
+            worker = _Worker(ctx, system, name, batch_size, steps, cache_dir)
+            rows[system]["first_step_warm_s"] = worker.ask()[1]
+            worker.finish()
+        base = rows.get("a", {}).get("steps_per_s")
+        for row in rows.values():
+            if base and "steps_per_s" in row:
+                row["vs_a"] = row["steps_per_s"] / base
+        results["workloads"][name] = {"batch_size": batch_size, "rows": rows}
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Device: {results['device']}, torch {results['torch']}, {results['date']}; median of "
+             f"{results['windows']} windows of {results['steps']} steps" + (" (--quick)" if results["quick"] else "")]
+    memory = "peak CUDA memory (MB)" if "CPU" not in results["device"] else "peak RSS above baseline (MB)"
+    for name, workload in results["workloads"].items():
+        lines += ["", f"**{name}** (batch {workload['batch_size']})", "",
+                  f"| system | steps/s | vs (a) | first step: cold / warm cache (s) | {memory} |",
+                  "|---|---:|---:|---:|---:|"]
+        for key, row in workload["rows"].items():
+            label = f"({key}) {row['system']}"
+            if "skipped" in row:
+                lines.append(f"| {label} | — | — | — | skipped: {row['skipped']} |")
+                continue
+            first = f"{row['first_step_s']:.1f}"
+            if "first_step_warm_s" in row:
+                first += f" / {row['first_step_warm_s']:.1f}"
+            lines.append(f"| {label} | {row['steps_per_s']:.1f} | {row.get('vs_a', float('nan')):.2f}x | {first} | "
+                         f"{row['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+RESULTS_HEADER = """# Benchmark results
+
+Produced by `funceng bench` (`funceng/bench.py`); regenerate the section of the machine you are on with
+`make bench`. Each section is replaced only by a run on the same kind of device.
+"""
+
+
+def write_results(path: Path, results: dict[str, Any], command: str) -> None:
+    """Replaces this device kind's section (CPU or CUDA) of the results file, keeping the other one."""
+    kind = "cpu" if results["device"].startswith("CPU") else "cuda"
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    section = (f"<!-- {kind} -->\n## {'CPU' if kind == 'cpu' else 'CUDA'}\n\nCommand: `{command}`\n\n"
+               f"{markdown(results)}\n<!-- /{kind} -->")
+    start, end = text.find(f"<!-- {kind} -->"), text.find(f"<!-- /{kind} -->")
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(f"<!-- /{kind} -->"):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--windows", type=int, default=15, help="timed windows per system (median reported)")
-    parser.add_argument("--steps", type=int, default=50, help="steps per window")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--windows", type=int, default=None, help="timed windows per system (default 7, quick 3)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per window (default 20, quick 5)")
+    parser.add_argument("--quick", action="store_true", help="small batches and few windows: minutes on 2 CPU cores")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--results", type=Path, help="update this device's section of a results file "
+                                                     "(benchmarks/RESULTS.md)")
 
 
 def run(args: argparse.Namespace) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, funceng {funceng.__version__}")
-    print("| workload | system | step time (ms) | vs plain |")
-    print("|---|---|---:|---:|")
-    for workload in WORKLOADS:
-        result = measure(workload, args.windows, args.steps)
-        plain = result["plain eager torch.optim"]
-        for name, t in result.items():
-            print(f"| {workload} | {name} | {t * 1e3:.3f} | {t / plain:.2f}x |", flush=True)
+    args.command_line = getattr(args, "command_line", None) or "funceng bench " + " ".join(sys.argv[2:])
+    windows = args.windows or (3 if args.quick else 7)
+    steps = args.steps or (5 if args.quick else 20)
+    results = run_suite(args.workloads, args.systems, windows, steps, args.quick)
+    table = markdown(results)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.results:
+        write_results(args.results, results, args.command_line)
 
 
 def main(argv: list[str] | None = None) -> None:

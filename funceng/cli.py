@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_cmd = commands.add_parser("plot", help="render loss, lr and metric curves of a work_dir to PNG")
     plot_cmd.add_argument("work_dir")
     plot_cmd.add_argument("--out", help="output folder (default: <run>/plots)")
-    bench.add_arguments(commands.add_parser("bench", help="time funceng steps against a plain PyTorch loop"))
+    bench.add_arguments(commands.add_parser("bench", help="compare training speed, compile time and memory with "
+                                                          "PyTorch loops, MMEngine and Lightning"))
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":

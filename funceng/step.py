@@ -116,13 +116,17 @@ class _RngScope:
                 torch.cuda.set_rng_state(saved_cuda)
 
 
-def _resolve_compile(compile: bool | str, model: nn.Module) -> bool:
+def _resolve_compile(compile: bool | str | dict, model: nn.Module) -> dict | None:
+    """``torch.compile`` options, or ``None`` for eager. A dict is passed to ``torch.compile`` (e.g.
+    ``{"mode": "reduce-overhead"}`` for CUDA graphs); ``fullgraph`` is always on."""
     if compile == "auto":
         first = next(model.parameters(), None)
-        return first is not None and first.device.type == "cuda"
+        compile = first is not None and first.device.type == "cuda"
+    if isinstance(compile, dict):
+        return {**compile, "fullgraph": True}
     if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    return compile
+        raise ValueError(f"compile must be True, False, 'auto' or a dict of torch.compile options, got {compile!r}")
+    return {"fullgraph": True} if compile else None
 
 
 def _amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
@@ -152,22 +156,46 @@ def _functional_call(module: _LossModule, params: dict, buffers: dict, batch: An
     return torch.func.functional_call(module, tensors, (batch,))
 
 
+def _mark_batch_dynamic(batch: Any) -> None:
+    """Compiles for any batch size: a smaller last batch then reuses the graph instead of recompiling."""
+    if isinstance(batch, Tensor):
+        if batch.ndim and batch.shape[0] > 1:
+            torch._dynamo.mark_dynamic(batch, 0)
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            _mark_batch_dynamic(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            _mark_batch_dynamic(value)
+
+
+def _mark_static(leaves: list[Tensor]) -> None:
+    """Tells CUDA graphs that the state's tensors keep their addresses (donation updates them in place)."""
+    for leaf in leaves:
+        if not getattr(leaf, "_funceng_static", False):
+            torch._dynamo.mark_static_address(leaf)
+            leaf._funceng_static = True
+
+
 class TrainStep:
     """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
 
-    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate):
+    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False):
         self.model = model
         self.tx = optim.accumulate(tx, accumulate)
         self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
         self._loss_module = _LossModule(model, self.loss_fn)
-        self.compiled = _resolve_compile(compile, model)
+        self.compile_options = _resolve_compile(compile, model)
+        self.compiled = self.compile_options is not None
         self.amp_dtype = _amp_dtype(amp)
         self.donate = donate
+        self.dynamic_batch = dynamic_batch and self.compiled
         self.device_type = next(model.parameters()).device.type
         self._layout: _Layout | None = None
         self._binding: ModuleBinding | None = None
         self._rng: _RngScope | None = None
-        self._fn = torch.compile(self._step_on_leaves, fullgraph=True) if self.compiled else self._step_on_leaves
+        fn = self._step_on_leaves
+        self._fn = torch.compile(fn, **self.compile_options) if self.compiled else fn
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
         check_state(state)
@@ -175,8 +203,12 @@ class TrainStep:
         if not self.donate:
             state = state.clone()
         leaves = layout.leaves(state)
+        if self.compiled and self.compile_options.get("mode") in ("reduce-overhead", "max-autotune"):
+            _mark_static(leaves)
         if not self.model.training:
             self.model.train()
+        if self.dynamic_batch:
+            _mark_batch_dynamic(batch)
         with self._rng(leaves):
             metrics = self._fn(leaves, batch)
         return layout.remember(successor(state, donate=self.donate), leaves), metrics
@@ -252,16 +284,18 @@ class TrainStep:
 class EvalStep:
     """``eval_step(state, batch) -> outputs`` with no gradients; built by `make_eval_step`."""
 
-    def __init__(self, model, predict_fn, compile, amp):
+    def __init__(self, model, predict_fn, compile, amp, dynamic_batch=False):
         self.model = model
         self.predict_fn = predict_fn or (lambda m, batch: call_model(m, batch, "predict"))
         self._predict_module = _LossModule(model, self.predict_fn)
-        self.compiled = _resolve_compile(compile, model)
+        compile_options = _resolve_compile(compile, model)
+        self.compiled = compile_options is not None
+        self.dynamic_batch = dynamic_batch and self.compiled
         self.amp_dtype = _amp_dtype(amp)
         self.device_type = next(model.parameters()).device.type
         self._layout: _Layout | None = None
         self._binding: ModuleBinding | None = None
-        self._fn = torch.compile(self._predict, fullgraph=True) if self.compiled else self._predict
+        self._fn = torch.compile(self._predict, **compile_options) if self.compiled else self._predict
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
         check_state(state)
@@ -272,6 +306,8 @@ class EvalStep:
         if self.model.training:
             self.model.eval()
         s = tree.unflatten(self._layout.template, leaves)
+        if self.dynamic_batch:
+            _mark_batch_dynamic(batch)
         with torch.no_grad():
             return self._fn(s["params"], s["buffers"], batch)
 
@@ -295,23 +331,27 @@ def make_train_step(
     amp: str | torch.dtype | None = None,
     accumulate: int = 1,
     donate: bool = True,
+    dynamic_batch: bool = False,
 ) -> TrainStep:
     """A pure train step ``step(state, batch) -> (new_state, metrics)``.
 
     ``loss_fn(model, batch)`` is plain PyTorch returning a scalar or a dict with ``"loss"``; ``None`` calls a
     BaseModel-style ``model(*batch, mode="loss")``. ``compile``: ``True`` compiles the whole step with
-    ``fullgraph=True``; ``"auto"`` compiles on CUDA only. ``amp``: ``"bf16"`` autocasts; ``"fp16"`` also scales
-    the loss dynamically and skips non-finite steps without a host sync. ``accumulate=k`` applies the mean of
-    ``k`` consecutive steps' gradients every k-th step (build the state with ``optim.accumulate(tx, k)``).
+    ``fullgraph=True``; ``"auto"`` compiles on CUDA only; a dict adds ``torch.compile`` options
+    (``{"mode": "reduce-overhead"}``: CUDA graphs, with the state's tensors marked as static addresses).
+    ``amp``: ``"bf16"`` autocasts; ``"fp16"`` also scales the loss dynamically and skips non-finite steps
+    without a host sync. ``accumulate=k`` applies the mean of ``k`` consecutive steps' gradients every k-th step
+    (build the state with ``optim.accumulate(tx, k)``).
     ``donate``: the input state's storage is reused for the output and the input object is invalidated
-    (``False`` keeps it, at the cost of a copy per step).
+    (``False`` keeps it, at the cost of a copy per step). ``dynamic_batch`` compiles for any batch size, so a
+    smaller last batch does not recompile.
 
     ``metrics`` holds detached tensors: ``loss`` (unscaled), other logged loss entries, ``lr``, ``grad_norm``
     when clipping by norm and ``loss_scale`` with fp16.
     """
     if next(model.parameters(), None) is None:
         raise ValueError("make_train_step: the model has no parameters to train")
-    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate)
+    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch)
 
 
 def make_eval_step(
@@ -320,6 +360,7 @@ def make_eval_step(
     *,
     compile: bool | str = "auto",
     amp: str | torch.dtype | None = None,
+    dynamic_batch: bool = False,
 ) -> EvalStep:
     """A pure no-grad step ``eval_step(state, batch) -> outputs`` with the model in eval mode.
 
@@ -327,4 +368,4 @@ def make_eval_step(
     """
     if next(model.parameters(), None) is None:
         raise ValueError("make_eval_step: the model has no parameters")
-    return EvalStep(model, predict_fn, compile, amp)
+    return EvalStep(model, predict_fn, compile, amp, dynamic_batch)

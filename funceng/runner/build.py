@@ -315,6 +315,7 @@ def build_dataloader(cfg: Any, name: str, seed: int | None = None) -> Any:
             cfg["generator"] = torch.Generator().manual_seed(sampler_seed)
     else:
         cfg["sampler"] = sampler
+    cfg.setdefault("pin_memory", torch.cuda.is_available())  # with non_blocking copies: transfers overlap compute
     collate = cfg.pop("collate_fn", None)
     if isinstance(collate, Mapping):
         kind = type_name(collate.get("type", "default_collate"))

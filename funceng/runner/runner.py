@@ -43,6 +43,15 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _ragged(loader: Any) -> bool:
+    """Whether a loader's last batch is smaller than the others (so a compiled step must allow any size)."""
+    batch_size = getattr(loader, "batch_size", None)
+    dataset = getattr(loader, "dataset", None)
+    if not batch_size or getattr(loader, "drop_last", False) or not hasattr(dataset, "__len__"):
+        return False
+    return len(dataset) % batch_size != 0
+
+
 def _build_hook(cfg: Any, name: str, defaults: dict | None = None) -> Hook:
     if isinstance(cfg, Hook):
         return cfg
@@ -260,7 +269,8 @@ class Runner:
             schedule = lambda count: per_iter(count * k + (k - 1))  # noqa: E731
         self.tx, amp, accumulate, _ = build.build_optimizer(self.optim_wrapper, self.model, schedule)
         self._create_state()
-        self._train_step = make_train_step(self.model, self.tx, compile=self.compile, amp=amp, donate=True)
+        self._train_step = make_train_step(self.model, self.tx, compile=self.compile, amp=amp, donate=True,
+                                           dynamic_batch=_ragged(self.train_dataloader))
 
     def _create_state(self) -> None:
         if self.state is not None:
@@ -398,7 +408,7 @@ class Runner:
             raise ConfigError(f"{mode}() needs {mode}_dataloader and {mode}_evaluator")
         self._create_state()
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.model, compile=self.compile)
+            self._eval_step = make_eval_step(self.model, compile=self.compile, dynamic_batch=_ragged(loader))
         self.call_hook(f"before_{mode}")
         self.call_hook(f"before_{mode}_epoch")
         state = self._eval_state()

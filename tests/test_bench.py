@@ -1,0 +1,23 @@
+"""The comparison suite measures real runs in worker processes and reports what it could not run."""
+
+from funceng.bench import markdown, run_suite, write_results
+
+
+def test_suite_times_systems_side_by_side_and_reports_skips(tmp_path):
+    results = run_suite(["mlp"], ["a", "e", "g"], windows=2, steps=3, quick=True)
+    rows = results["workloads"]["mlp"]["rows"]
+    for key in ("a", "e"):
+        row = rows[key]
+        assert row["steps_per_s"] > 0 and len(row["windows_s"]) == 2 and all(t > 0 for t in row["windows_s"])
+        assert row["first_step_s"] >= 0 and row["peak_memory_mb"] > 0
+    assert rows["a"]["vs_a"] == 1.0 and rows["e"]["vs_a"] > 0
+    assert rows["g"] == {"system": "funceng compiled + CUDA graphs", "skipped": "CUDA only"}
+    table = markdown(results)
+    assert "| (e) funceng eager |" in table and "skipped: CUDA only" in table
+
+    results_file = tmp_path / "RESULTS.md"
+    results_file.write_text("# Results\n\n<!-- cuda -->\nkept\n<!-- /cuda -->\n")
+    write_results(results_file, results, "funceng bench --quick")
+    write_results(results_file, results, "funceng bench --quick")  # replaces its own section, once
+    text = results_file.read_text()
+    assert text.count("<!-- cpu -->") == 1 and "kept" in text and "Command: `funceng bench --quick`" in text
