@@ -209,12 +209,10 @@ def _dataloader(batches):
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def _mmengine(model, batches, ctl, device, amp, work_dir):
-    from mmengine.hooks import Hook
-    from mmengine.model import BaseModel
-    from mmengine.runner import Runner
+def _mmengine_style(base_model: type, hook: type, model, ctl) -> tuple[Any, Any]:
+    """The workload as a BaseModel and the controller as a hook, for MMEngine's Runner and funceng's alike."""
 
-    class Wrapped(BaseModel):
+    class Wrapped(base_model):
         def __init__(self):
             super().__init__()
             self.net = model
@@ -222,17 +220,26 @@ def _mmengine(model, batches, ctl, device, amp, work_dir):
         def forward(self, x, y, mode="loss"):
             return {"loss": _loss(self.net(x), y)}
 
-    class ControllerHook(Hook):
+    class ControllerHook(hook):
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             ctl.after_step()
 
+    return Wrapped(), ControllerHook()
+
+
+def _mmengine(model, batches, ctl, device, amp, work_dir):
+    from mmengine.hooks import Hook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    wrapped, controller = _mmengine_style(BaseModel, Hook, model, ctl)
     wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16") if amp else dict(type="OptimWrapper")
     runner = Runner(
-        model=Wrapped(), work_dir=work_dir, train_dataloader=_dataloader(batches),
+        model=wrapped, work_dir=work_dir, train_dataloader=_dataloader(batches),
         optim_wrapper=dict(**wrapper, optimizer=dict(type="SGD", lr=LR, momentum=MOMENTUM)),
         train_cfg=dict(by_epoch=True, max_epochs=10**6),
         default_hooks=dict(checkpoint=None, sampler_seed=None, logger=dict(type="LoggerHook", interval=10**9)),
-        custom_hooks=[ControllerHook()], log_level="WARNING",
+        custom_hooks=[controller], log_level="WARNING",
     )
     runner.train()
 
@@ -272,25 +279,14 @@ def _funceng(model, batches, ctl, device, amp, work_dir, compile):
     from funceng.model import BaseModel
     from funceng.runner import Hook, Runner
 
-    class Wrapped(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.net = model
-
-        def forward(self, x, y, mode="loss"):
-            return {"loss": _loss(self.net(x), y)}
-
-    class ControllerHook(Hook):
-        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            ctl.after_step()
-
+    wrapped, controller = _mmengine_style(BaseModel, Hook, model, ctl)
     wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16") if amp else {}
     runner = Runner(
-        model=Wrapped(), work_dir=work_dir, train_dataloader=_dataloader(batches),
+        model=wrapped, work_dir=work_dir, train_dataloader=_dataloader(batches),
         optim_wrapper=dict(**wrapper, optimizer=dict(type="SGD", lr=LR, momentum=MOMENTUM)),
         train_cfg=dict(by_epoch=True, max_epochs=10**6), compile=compile, log_level="WARNING",
         default_hooks=dict(checkpoint=None, logger=dict(interval=10**9, progress=False)),
-        custom_hooks=[ControllerHook()], randomness=dict(seed=0),
+        custom_hooks=[controller], randomness=dict(seed=0),
     )
     runner.logger.setLevel(logging.WARNING)
     runner.train()
@@ -463,8 +459,8 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--windows", type=int, default=None, help="timed windows per system (default 7, quick 3)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per window (default 20, quick 5)")
+    parser.add_argument("--windows", type=int, default=None, help="timed windows per system (default 7, quick 5)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per window (default 20, quick 10)")
     parser.add_argument("--quick", action="store_true", help="small batches and few windows: minutes on 2 CPU cores")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--results", type=Path, help="update this device's section of a results file "
@@ -473,8 +469,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     args.command_line = getattr(args, "command_line", None) or "funceng bench " + " ".join(sys.argv[2:])
-    windows = args.windows or (3 if args.quick else 7)
-    steps = args.steps or (5 if args.quick else 20)
+    windows = args.windows or (5 if args.quick else 7)
+    steps = args.steps or (10 if args.quick else 20)
     results = run_suite(args.workloads, args.systems, windows, steps, args.quick)
     table = markdown(results)
     print(table)

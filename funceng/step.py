@@ -69,6 +69,7 @@ class _Layout:
 
     def __init__(self, state: TrainState):
         self.template, _ = tree.flatten(state)
+        self.unflatten = tree.unflattener(self.template)
         self.param_names = list(self.template["params"])
         self.buffer_names = list(self.template["buffers"])
         self.lr = tree.find_leaf(self.template["opt_state"], "lr")
@@ -244,7 +245,7 @@ class TrainStep:
 
     def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
         layout = self._layout
-        s = tree.unflatten(layout.template, leaves)
+        s = layout.unflatten(leaves)
         params, buffers, opt_state = s["params"], s["buffers"], s["opt_state"]
         fp16 = self.amp_dtype == torch.float16
         scale = s["loss_scale"]["scale"] if fp16 else None
@@ -305,7 +306,7 @@ class EvalStep:
         leaves = self._layout.leaves(state)
         if self.model.training:
             self.model.eval()
-        s = tree.unflatten(self._layout.template, leaves)
+        s = self._layout.unflatten(leaves)
         if self.dynamic_batch:
             _mark_batch_dynamic(batch)
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -27,6 +28,18 @@ def unflatten(template: Any, leaves: list[Tensor]) -> Any:
     if isinstance(template, int):
         return leaves[template]
     return {key: unflatten(value, leaves) for key, value in template.items()}
+
+
+def unflattener(template: Any) -> Callable[[list[Tensor]], Any]:
+    """A fast `unflatten` for one template: runs of consecutive leaves become ``dict(zip(keys, leaves[a:b]))``."""
+    if isinstance(template, int):
+        return lambda leaves: leaves[template]
+    keys, values = list(template), list(template.values())
+    if values and all(isinstance(v, int) for v in values) and values == list(range(values[0], values[-1] + 1)):
+        start, stop = values[0], values[-1] + 1
+        return lambda leaves: dict(zip(keys, leaves[start:stop]))
+    parts = [(key, unflattener(value)) for key, value in template.items()]
+    return lambda leaves: {key: part(leaves) for key, part in parts}
 
 
 def find_leaf(template: Any, name: str) -> int | None:

@@ -267,3 +267,15 @@ def test_evaluator_rejects_duplicate_metric_names():
     prefixed = Evaluator([dict(type=Accuracy), dict(type=Accuracy, prefix="other")])
     prefixed.process(data_samples=(torch.eye(3), torch.arange(3)))
     assert prefixed.evaluate(3) == {"accuracy": 100.0, "other/accuracy": 100.0}
+
+
+def test_batches_of_every_shape_reach_the_device():
+    from collections import namedtuple
+
+    from funceng.runner.runner import _to_device
+
+    Pair = namedtuple("Pair", "x y")
+    meta = torch.device("meta")
+    moved = _to_device({"a": [torch.ones(1), (torch.ones(2), "tag")], "b": Pair(torch.ones(3), 4)}, meta)
+    assert moved["a"][0].device == meta and moved["a"][1][0].device == meta and moved["a"][1][1] == "tag"
+    assert isinstance(moved["b"], Pair) and moved["b"].x.device == meta and moved["b"].y == 4

@@ -70,7 +70,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         new_state = {}
         for i, tx in enumerate(transforms):
             updates, new_state[str(i)] = tx.update(updates, state[str(i)], params)
-        return updates, new_state
+        return updates, same_or_new(state, new_state)
 
     return GradientTransformation(init, update)
 
@@ -118,8 +118,17 @@ def apply_if(
     return updates, state
 
 
+def same_or_new(state: OptState, new_state: OptState) -> OptState:
+    """``state`` itself when every entry of ``new_state`` is the same object (updated in place), else
+    ``new_state``: lets `commit_state` skip the common in-place case with one identity check."""
+    unchanged = all(new_state[key] is value for key, value in state.items())
+    return state if unchanged and len(new_state) == len(state) else new_state
+
+
 def commit_state(state: OptState, new_state: OptState) -> None:
     """Writes ``new_state`` into the storage of ``state`` where a transform returned new tensors."""
+    if new_state is state:
+        return
     for old, new in zip(tree_leaves(state), tree_leaves(new_state), strict=True):
         if old is not new:
             old.copy_(new)

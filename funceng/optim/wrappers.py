@@ -14,6 +14,7 @@ from funceng.optim.base import (
     apply_if,
     first_device_leaf,
     identity,
+    same_or_new,
     scalar,
     values,
     zeros_like,
@@ -102,7 +103,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
             sub_params = {n: params[n] for n in names} if params is not None else None
             sub_updates, new_state[label] = tx.update({n: updates[n] for n in names}, state[label], sub_params)
             updates.update(sub_updates)
-        return updates, new_state
+        return updates, same_or_new(state, new_state)
 
     return GradientTransformation(init, update)
 
