@@ -55,17 +55,18 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         if not updates:
             return updates, state
         grads, bufs = values(updates), values(state["momentum_buffer"])
-        torch._foreach_mul_(bufs, momentum)
         if dampening:
             # The buffer starts at zero, so an undamped first step gives b = u exactly, as torch's clone.
             count = state["count"]
             torch._foreach_mul_(grads, 1.0 - dampening * (count != 0).to(torch.float64))
             count.add_(1)
-        torch._foreach_add_(bufs, grads)
-        if nesterov:
+        if nesterov:  # u + momentum * b needs u after b is updated
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
             torch._foreach_add_(grads, bufs, alpha=momentum)
-        else:
-            torch._foreach_copy_(grads, bufs)
+        else:  # b <- momentum * b + u, computed in the gradients' storage: two passes over memory, not three
+            torch._foreach_add_(grads, bufs, alpha=momentum)
+            torch._foreach_copy_(bufs, grads)
         return updates, state
 
     return GradientTransformation(init, update)
