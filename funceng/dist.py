@@ -19,10 +19,6 @@ def get_world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def collect_results(results: list[Any], size: int) -> list[Any]:
     """Every rank's ``results`` in dataset order, truncated to ``size`` (a sampler's padding removed).
 

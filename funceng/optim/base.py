@@ -35,11 +35,6 @@ def values(tree: Mapping[str, Tensor]) -> list[Tensor]:
     return list(tree.values())
 
 
-def like(tree: Mapping[str, Tensor], leaves: list[Tensor]) -> dict[str, Tensor]:
-    """A tree with the keys of ``tree`` and the given leaves."""
-    return dict(zip(tree.keys(), leaves))
-
-
 def zeros_like(params: Params) -> dict[str, Tensor]:
     """A zero tensor shaped like each parameter."""
     return {name: torch.zeros_like(p) for name, p in params.items()}

@@ -68,7 +68,8 @@ class LoggerHook(Hook):
 
     Losses stay on the device between log lines, so a compiled step is never synced more than once per line.
     ``progress``: ``True`` shows a live bar (eta, it/s, loss) instead of printing iteration lines to the terminal
-    (the log file still gets every line); ``"auto"`` does so when stdout is a terminal.
+    (the log file still gets every line); ``"auto"`` does so when stdout is a terminal. ``log_metric_by_epoch`` is
+    accepted for MMEngine compatibility: validation metrics are always logged at the epoch (or iteration) step.
     """
 
     priority = "BELOW_NORMAL"
