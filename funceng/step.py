@@ -178,25 +178,43 @@ def _mark_static(leaves: list[Tensor]) -> None:
             leaf._funceng_static = True
 
 
-class TrainStep:
-    """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
+class _Step:
+    """What train and eval steps share: compile and AMP options, and the state layout and model binding, which
+    are built from the first state seen."""
 
-    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False):
+    def __init__(self, model: nn.Module, fn, compile, amp, dynamic_batch: bool):
         self.model = model
-        self.tx = optim.accumulate(tx, accumulate)
-        self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
-        self._loss_module = _LossModule(model, self.loss_fn)
         self.compile_options = _resolve_compile(compile, model)
         self.compiled = self.compile_options is not None
         self.amp_dtype = _amp_dtype(amp)
-        self.donate = donate
         self.dynamic_batch = dynamic_batch and self.compiled
         self.device_type = next(model.parameters()).device.type
         self._layout: _Layout | None = None
         self._binding: ModuleBinding | None = None
-        self._rng: _RngScope | None = None
-        fn = self._step_on_leaves
         self._fn = torch.compile(fn, **self.compile_options) if self.compiled else fn
+
+    def _layout_for(self, state: TrainState) -> _Layout:
+        if self._layout is None:
+            self._layout = _Layout(state)
+            self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
+        return self._layout
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+
+class TrainStep(_Step):
+    """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
+
+    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False):
+        super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
+        self.tx = optim.accumulate(tx, accumulate)
+        self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
+        self._loss_module = _LossModule(model, self.loss_fn)
+        self.donate = donate
+        self._rng: _RngScope | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
         check_state(state)
@@ -216,15 +234,9 @@ class TrainStep:
 
     def _layout_for(self, state: TrainState) -> _Layout:
         if self._layout is None:
-            self._layout = _Layout(state)
-            self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
+            super()._layout_for(state)
             self._rng = _RngScope(self._layout.rng)
         return self._layout
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def _grads_eager(self, params, buffers, batch, scale):
         self._binding.bind(list(params.values()), list(buffers.values()))
@@ -282,41 +294,28 @@ class TrainStep:
         return clean, finite
 
 
-class EvalStep:
+class EvalStep(_Step):
     """``eval_step(state, batch) -> outputs`` with no gradients; built by `make_eval_step`."""
 
     def __init__(self, model, predict_fn, compile, amp, dynamic_batch=False):
-        self.model = model
+        super().__init__(model, self._predict, compile, amp, dynamic_batch)
         self.predict_fn = predict_fn or (lambda m, batch: call_model(m, batch, "predict"))
         self._predict_module = _LossModule(model, self.predict_fn)
-        compile_options = _resolve_compile(compile, model)
-        self.compiled = compile_options is not None
-        self.dynamic_batch = dynamic_batch and self.compiled
-        self.amp_dtype = _amp_dtype(amp)
-        self.device_type = next(model.parameters()).device.type
-        self._layout: _Layout | None = None
-        self._binding: ModuleBinding | None = None
-        self._fn = torch.compile(self._predict, **compile_options) if self.compiled else self._predict
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
         check_state(state)
-        if self._layout is None:
-            self._layout = _Layout(state)
-            self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
-        leaves = self._layout.leaves(state)
+        layout = self._layout_for(state)
+        leaves = layout.leaves(state)
         if self.model.training:
             self.model.eval()
-        s = self._layout.unflatten(leaves)
+        s = layout.unflatten(leaves)
         if self.dynamic_batch:
             _mark_batch_dynamic(batch)
         with torch.no_grad():
             return self._fn(s["params"], s["buffers"], batch)
 
     def _predict(self, params, buffers, batch):
-        autocast = (
-            torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        )
-        with autocast:
+        with self._autocast():
             if not self.compiled:
                 self._binding.bind(list(params.values()), list(buffers.values()))
                 return self.predict_fn(self.model, batch)
