@@ -13,34 +13,18 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import funceng
 from funceng import optim
+from funceng.bench import WORKLOADS, _batches, _loss
 
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
-    )
-
-
-WORKLOADS = {
-    "mlp 64-256-256-10, batch 128": (mlp, lambda: torch.randn(128, 64)),
-    "small cnn 32x32, batch 32": (small_cnn, lambda: torch.randn(32, 3, 32, 32)),
-}
+# The comparison suite's models, as labelled in the table.
+LABELS = {"mlp": "mlp 64-256-256-10, batch 128", "cnn": "small cnn 32x32, batch 32"}
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
+    return _loss(model(batch[0]), batch[1])
 
 
 def plain_loop(model: nn.Module, batch):
@@ -70,11 +54,10 @@ def funceng_loop(model: nn.Module, batch, compile: bool):
 
 
 def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
-    make_model, make_x = WORKLOADS[workload]
+    spec = WORKLOADS[workload]
     torch.manual_seed(0)
-    base = make_model()
-    x = make_x()
-    batch = (x, torch.randint(0, 10, (x.shape[0],)))
+    base = spec.build()
+    batch = _batches(spec, spec.batch_size)[0]
     systems = {
         "plain eager torch.optim": plain_loop(copy.deepcopy(base), batch),
         "funceng eager": funceng_loop(copy.deepcopy(base), batch, compile=False),
@@ -101,11 +84,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, funceng {funceng.__version__}")
     print("| workload | system | step time (ms) | vs plain |")
     print("|---|---|---:|---:|")
-    for workload in WORKLOADS:
+    for workload, label in LABELS.items():
         result = measure(workload, args.windows, args.steps)
         plain = result["plain eager torch.optim"]
         for name, t in result.items():
-            print(f"| {workload} | {name} | {t * 1e3:.3f} | {t / plain:.2f}x |", flush=True)
+            print(f"| {label} | {name} | {t * 1e3:.3f} | {t / plain:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
