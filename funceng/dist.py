@@ -1,10 +1,22 @@
-"""The distributed seam: rank queries and result gathering (single process until `torch.distributed` is up)."""
+"""torch.distributed for funceng: start-up from torchrun's environment, rank queries, the collectives a pure
+step uses (functional, so they trace into a compiled graph), and gathering metric results across ranks.
+
+Everything here is a no-op in a single process, so code written for one device runs unchanged.
+"""
 
 from __future__ import annotations
 
+import datetime
+import os
 from typing import Any
 
+import torch
 import torch.distributed as torch_dist
+from torch import Tensor
+
+
+class DistributedError(RuntimeError):
+    """A collective failed (a rank died, hung past the timeout, or the process group could not start)."""
 
 
 def is_distributed() -> bool:
@@ -19,14 +31,133 @@ def get_world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
-def collect_results(results: list[Any], size: int) -> list[Any]:
-    """Every rank's ``results`` in dataset order, truncated to ``size`` (a sampler's padding removed).
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (its environment variables are set)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
-    Ranks hold interleaved samples (rank r has items r, r + world, ...), as `DistributedSampler` deals them.
+
+_cpu_group: Any = None
+
+
+def cpu_group() -> Any:
+    """A process group for small CPU tensors (control messages): the default group with gloo, a gloo subgroup
+    with NCCL. `init_distributed` creates it on every rank."""
+    return _cpu_group
+
+
+def init_distributed(backend: str | None = None, timeout: float | None = None) -> None:
+    """Joins the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_*``).
+
+    ``backend`` defaults to NCCL with CUDA and gloo otherwise; ``timeout`` (seconds) bounds every collective,
+    so a rank that hangs makes the others fail instead of waiting forever. On CUDA each process uses the
+    device ``LOCAL_RANK``. A group that is already up is kept.
+    """
+    global _cpu_group
+    if is_distributed():
+        if _cpu_group is None:
+            gloo = torch_dist.get_backend() == "gloo"
+            _cpu_group = torch_dist.group.WORLD if gloo else torch_dist.new_group(backend="gloo")
+        return
+    if not launched_by_torchrun():
+        raise DistributedError(
+            "launcher='pytorch' needs torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start "
+            "the script with `torchrun --nproc_per_node=N script.py ...`"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs: dict[str, Any] = {"backend": backend}
+    if timeout is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=float(timeout))
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    torch_dist.init_process_group(**kwargs)
+    init_distributed()
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a failed collective (a peer that died, a timeout) rather than from user code."""
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed", "imed out"))
+
+
+def _buckets(tensors: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``tensors`` grouped by (dtype, device): one flat buffer, hence one collective, per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return groups
+
+
+def mean_across_ranks(tensors: list[Tensor]) -> list[Tensor]:
+    """Every tensor averaged over the ranks, as new tensors: ``x <- (1/W) sum_r x_r``.
+
+    Tensors of one dtype travel in one flat buffer through one ``all_reduce`` from
+    `torch.distributed._functional_collectives`, which traces into a ``torch.compile`` graph.
+    """
+    if not is_distributed() or get_world_size() == 1 or not tensors:
+        return list(tensors)
+    import torch.distributed._functional_collectives as funcol
+
+    world = get_world_size()
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for indices in _buckets(tensors).values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        flat = funcol.all_reduce(flat, "sum", torch_dist.group.WORLD) / world
+        pieces = torch.split(flat, [tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces):
+            out[i] = piece.view(tensors[i].shape)
+    return out
+
+
+def all_reduce_mean_(tensors: list[Tensor]) -> None:
+    """Averages ``tensors`` over the ranks in place (eager; used between steps, e.g. for BatchNorm statistics)."""
+    if not is_distributed() or get_world_size() == 1 or not tensors:
+        return
+    for t, mean in zip(tensors, mean_across_ranks(tensors)):
+        t.copy_(mean)
+
+
+def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
+    """Overwrites ``tensors`` on every rank with rank ``src``'s values (one collective per dtype)."""
+    if not is_distributed() or get_world_size() == 1 or not tensors:
+        return
+    for indices in _buckets(tensors).values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        torch_dist.broadcast(flat, src)
+        for i, piece in zip(indices, torch.split(flat, [tensors[i].numel() for i in indices])):
+            tensors[i].copy_(piece.view(tensors[i].shape))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (a small picklable value produced by this program, never read from disk)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch_dist.barrier()
+
+
+def collect_results(results: list[Any], size: int) -> list[Any]:
+    """Every rank's ``results``, in dataset order for per-sample results, truncated to ``size``.
+
+    Evaluation data is dealt round-robin without padding (rank r holds items r, r + W, ...; see
+    `funceng.runner.sampler.DefaultSampler`), so ranks may hold one item fewer than rank 0 and nothing is
+    counted twice; the lists are interleaved back in the same round-robin order.
     """
     if not is_distributed():
         return results[:size]
     gathered: list[list[Any]] = [None] * get_world_size()  # type: ignore[list-item]
     torch_dist.all_gather_object(gathered, results)
-    ordered = [item for group in zip(*gathered) for item in group]
+    longest = max(len(part) for part in gathered)
+    ordered = [part[i] for i in range(longest) for part in gathered if i < len(part)]
     return ordered[:size]

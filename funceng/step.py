@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funceng import optim, tree
+from funceng import dist, optim, tree
 from funceng.binding import ModuleBinding
 from funceng.state import TrainState, check_state, successor
 
@@ -208,8 +208,10 @@ class _Step:
 class TrainStep(_Step):
     """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
 
-    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False):
+    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False,
+                 data_parallel=None):
         super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
+        self.data_parallel = dist.get_world_size() > 1 if data_parallel is None else bool(data_parallel)
         self.tx = optim.accumulate(tx, accumulate)
         self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
         self._loss_module = _LossModule(model, self.loss_fn)
@@ -263,6 +265,8 @@ class TrainStep(_Step):
         scale = s["loss_scale"]["scale"] if fp16 else None
         grads_fn = self._grads_functional if self.compiled else self._grads_eager
         grads, loss, logs = grads_fn(params, buffers, batch, scale)
+        if self.data_parallel:
+            grads, loss, logs = _mean_across_ranks(grads, loss, logs)
         if fp16:
             updates, finite = self._unscale(grads, s["loss_scale"])
             optim.apply_if(finite, self.tx, updates, opt_state, params)
@@ -292,6 +296,18 @@ class TrainStep(_Step):
         clean = dict(zip(grads, [torch.where(finite, g, torch.zeros((), dtype=g.dtype)) for g in grad_list]))
         torch._amp_update_scale_(scale, tracker, found_inf, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL)
         return clean, finite
+
+
+def _mean_across_ranks(grads: dict, loss: Tensor, logs: dict) -> tuple[dict, Tensor, dict]:
+    """Gradients, loss and logged values averaged over the data-parallel ranks, in one collective per dtype.
+
+    Each rank's loss is the mean over its own B/W samples, so the average is the loss (and gradient) of the
+    global batch. fp16 gradients are averaged while still scaled: an overflow on any rank reaches every rank,
+    and all skip the step together.
+    """
+    averaged = dist.mean_across_ranks([*grads.values(), loss, *logs.values()])
+    n = len(grads)
+    return dict(zip(grads, averaged[:n])), averaged[n], dict(zip(logs, averaged[n + 1:]))
 
 
 class EvalStep(_Step):
@@ -332,6 +348,7 @@ def make_train_step(
     accumulate: int = 1,
     donate: bool = True,
     dynamic_batch: bool = False,
+    data_parallel: bool | None = None,
 ) -> TrainStep:
     """A pure train step ``step(state, batch) -> (new_state, metrics)``.
 
@@ -344,14 +361,16 @@ def make_train_step(
     (build the state with ``optim.accumulate(tx, k)``).
     ``donate``: the input state's storage is reused for the output and the input object is invalidated
     (``False`` keeps it, at the cost of a copy per step). ``dynamic_batch`` compiles for any batch size, so a
-    smaller last batch does not recompile.
+    smaller last batch does not recompile. ``data_parallel``: average gradients (and the logged loss) over the
+    ranks of the default process group inside the step; ``None`` does so whenever torch.distributed runs
+    with more than one rank. Every rank must then call the step the same number of times.
 
     ``metrics`` holds detached tensors: ``loss`` (unscaled), other logged loss entries, ``lr``, ``grad_norm``
     when clipping by norm and ``loss_scale`` with fp16.
     """
     if next(model.parameters(), None) is None:
         raise ValueError("make_train_step: the model has no parameters to train")
-    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch)
+    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch, data_parallel)
 
 
 def make_eval_step(

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from funceng import optim, schedules
 from funceng.evaluator import BaseMetric
+from funceng.runner.sampler import DefaultSampler
 
 INF = 10**12
 OPTIMIZERS: dict[str, Callable[..., optim.GradientTransformation]] = {
@@ -295,8 +296,12 @@ def build_dataset(cfg: Any) -> Any:
     return cls(**cfg)
 
 
-def build_dataloader(cfg: Any, name: str, seed: int | None = None) -> Any:
-    """A `DataLoader` from an MMEngine dataloader dict; built loaders (any iterable with ``len``) pass through."""
+def build_dataloader(cfg: Any, name: str, seed: int | None = None, train: bool = False) -> Any:
+    """A `DataLoader` from an MMEngine dataloader dict; built loaders (any iterable with ``len``) pass through.
+
+    The sampler is a `DefaultSampler`: this rank's shard, reshuffled each epoch from ``seed + epoch`` (so the
+    order does not depend on the number of ranks); evaluation loaders are not padded (``round_up=False``).
+    """
     if cfg is None or not isinstance(cfg, Mapping):
         return cfg
     cfg = dict(cfg)
@@ -305,14 +310,14 @@ def build_dataloader(cfg: Any, name: str, seed: int | None = None) -> Any:
     dataset = build_dataset(cfg.pop("dataset"))
     sampler = cfg.pop("sampler", None) or {}
     if isinstance(sampler, Mapping):
-        check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed"})
+        check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
         kind = type_name(sampler.get("type", "DefaultSampler"))
         if kind != "DefaultSampler":
             raise ConfigError(f"{name}.sampler.type: only 'DefaultSampler' is supported, got {kind!r}")
-        cfg.setdefault("shuffle", sampler.get("shuffle", True))
+        shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
         sampler_seed = sampler.get("seed", seed)
-        if cfg["shuffle"] and sampler_seed is not None:
-            cfg["generator"] = torch.Generator().manual_seed(sampler_seed)
+        cfg["sampler"] = DefaultSampler(dataset, shuffle=shuffle, seed=sampler_seed or 0,
+                                        round_up=sampler.get("round_up", train))
     else:
         cfg["sampler"] = sampler
     cfg.setdefault("pin_memory", torch.cuda.is_available())  # with non_blocking copies: transfers overlap compute

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from funceng import dist
 from funceng.runner.log import ProgressBar, Window, cuda_memory_mb, epoch_end_line, header, iteration_line
 
 if TYPE_CHECKING:
@@ -91,7 +92,8 @@ class LoggerHook(Hook):
 
     def before_train(self, runner):
         self._windows.clear()
-        self._show_bar = self.progress is True or (self.progress == "auto" and sys.stdout.isatty())
+        wanted = self.progress is True or (self.progress == "auto" and sys.stdout.isatty())
+        self._show_bar = wanted and runner.rank == 0
         runner.logger.terminal_filter.quiet = self._show_bar
 
     def before_train_epoch(self, runner):
@@ -251,7 +253,9 @@ class CheckpointHook(Hook):
         self.kept.append(name)
         if self.max_keep_ckpts > 0:
             while len(self.kept) > self.max_keep_ckpts:
-                shutil.rmtree(runner.checkpoint_dir / self.kept.pop(0), ignore_errors=True)
+                old = runner.checkpoint_dir / self.kept.pop(0)
+                if runner.rank == 0:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def after_val_epoch(self, runner, metrics=None):
         if not self.save_best or not metrics:
@@ -268,7 +272,7 @@ class CheckpointHook(Hook):
         unit, count = ("epoch", runner.epoch) if runner.by_epoch else ("iter", runner.iter)
         name = f"best_{key.replace('/', '_')}_{unit}_{count}"
         runner.save_checkpoint(name, update_last=False)
-        if self.best_path and self.best_path != name:
+        if self.best_path and self.best_path != name and runner.rank == 0:
             shutil.rmtree(runner.checkpoint_dir / self.best_path, ignore_errors=True)
         self.best_path = name
         runner.logger.info(f"The best checkpoint with {value:.4f} {key} at {count} {unit} is saved to {name}.")
@@ -303,6 +307,25 @@ class EMAHook(Hook):
 
     before_test_epoch = before_val_epoch
     after_test_epoch = after_val_epoch
+
+
+class SyncBuffersHook(Hook):
+    """Averages floating-point buffers (BatchNorm running statistics) over the ranks after each training epoch
+    and before validation, so every rank evaluates, and every checkpoint holds, the same statistics.
+
+    Gradients are averaged in every step regardless; without this hook each rank keeps the buffer statistics
+    of its own shard of the data and checkpoints hold rank 0's.
+    """
+
+    def _sync(self, runner):
+        if runner.state is not None:
+            dist.all_reduce_mean_([b for b in runner.state["buffers"].values() if b.is_floating_point()])
+
+    def after_train_epoch(self, runner):
+        self._sync(runner)
+
+    def before_val_epoch(self, runner):
+        self._sync(runner)
 
 
 class EarlyStoppingHook(Hook):
@@ -349,4 +372,4 @@ class EarlyStoppingHook(Hook):
             runner.logger.info(f"Early stopping: {reason} (best {self.best}).")
 
 
-HOOKS = {cls.__name__: cls for cls in (LoggerHook, CheckpointHook, EMAHook, EarlyStoppingHook)}
+HOOKS = {cls.__name__: cls for cls in (LoggerHook, CheckpointHook, EMAHook, EarlyStoppingHook, SyncBuffersHook)}

@@ -54,7 +54,7 @@ def close_logger(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-def environment_banner(seed: int, deterministic: bool) -> str:
+def environment_banner(seed: int, deterministic: bool, launcher: str = "none", world_size: int = 1) -> str:
     lines = [
         "",
         "-" * 60,
@@ -81,6 +81,9 @@ def environment_banner(seed: int, deterministic: bool) -> str:
         "Runtime environment:",
         f"    seed: {seed}",
         f"    deterministic: {deterministic}",
+        f"    Distributed launcher: {launcher}",
+        f"    Distributed training: {world_size > 1}",
+        f"    World size: {world_size}",
         "-" * 60,
     ]
     return "\n".join(lines)

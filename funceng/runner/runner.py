@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from funceng import checkpoint as ckpt
+from funceng import dist
 from funceng.evaluator import Evaluator
 from funceng.runner import build
 from funceng.runner.build import ConfigError
 from funceng.runner.hooks import HOOKS, CheckpointHook, Hook, LoggerHook
 from funceng.runner.log import close_logger, environment_banner, make_logger
 from funceng.runner.resume import capture_rng, forked_rng, restore_rng, resume_position
+from funceng.runner.sampler import shard_loader
 from funceng.runner.visualizer import Visualizer
 from funceng.state import TrainState
 from funceng.step import make_eval_step, make_train_step
@@ -116,6 +118,7 @@ class Runner:
         env_cfg: Mapping | None = None,
         launcher: str = "none",
         visualizer: Mapping | None = None,
+        auto_scale_lr: Mapping | None = None,
     ):
         self.work_dir = Path(work_dir).resolve()
         if self.work_dir.exists() and not self.work_dir.is_dir():
@@ -130,47 +133,57 @@ class Runner:
                     f"{name}_dataloader is set but {name}_evaluator is missing: pass "
                     f"{name}_evaluator=dict(type=YourMetric) (a BaseMetric subclass)"
                 )
-        if launcher != "none":
-            raise ConfigError(f"launcher={launcher!r}: distributed training is not implemented yet")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module (a BaseModel), got {type(model).__name__}")
+        self.launcher = self._start_distributed(launcher, env_cfg)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         randomness = dict(randomness or {})
         build.check_keys("randomness", randomness, {"seed", "deterministic", "diff_rank_seed"})
         self.seed = randomness.get("seed")
         if self.seed is None:
-            self.seed = random.SystemRandom().randrange(2**31)
+            self.seed = dist.broadcast_object(random.SystemRandom().randrange(2**31))
         self.deterministic = bool(randomness.get("deterministic", False))
+        # diff_rank_seed: each rank draws different random numbers (dropout, augmentation); data order stays shared
+        self.rank_seed = self.seed + self.rank if randomness.get("diff_rank_seed", False) else self.seed
         self._seed_everything()
 
         self.train_cfg = build.check_train_cfg(train_cfg) if train_cfg is not None else None
         self.val_cfg, self.test_cfg = dict(val_cfg or {}), dict(test_cfg or {})
-        self.train_dataloader = build.build_dataloader(train_dataloader, "train_dataloader", self.seed)
-        self.val_dataloader = build.build_dataloader(val_dataloader, "val_dataloader")
-        self.test_dataloader = build.build_dataloader(test_dataloader, "test_dataloader")
+        self.train_dataloader = self._loader(train_dataloader, "train_dataloader", train=True)
+        self.val_dataloader = self._loader(val_dataloader, "val_dataloader", train=False)
+        self.test_dataloader = self._loader(test_dataloader, "test_dataloader", train=False)
         self.val_evaluator = Evaluator(val_evaluator) if val_evaluator is not None else None
         self.test_evaluator = Evaluator(test_evaluator) if test_evaluator is not None else None
         self.optim_wrapper, self.param_scheduler = optim_wrapper, param_scheduler
+        self.auto_scale_lr = dict(auto_scale_lr or {})
+        build.check_keys("auto_scale_lr", self.auto_scale_lr, {"base_batch_size", "enable"})
         self.load_from, self.resume_from = load_from, resume
         self.compile = compile
         self.experiment_name = experiment_name
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
         self.model = model.to(self.device)
         self.hooks: list[Hook] = []
         self._register_hooks(default_hooks or {}, custom_hooks or [])
 
         self.timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
         self.log_dir = self.work_dir / self.timestamp
-        for n in range(1, 1000):  # two runs started within a second must not share a log
+        for n in range(1, 1000 if self.rank == 0 else 0):  # two runs started within a second must not share a log
             try:
                 self.log_dir.mkdir(parents=True)
                 break
             except FileExistsError:
                 self.timestamp = f"{self.timestamp.split('-')[0]}-{n}"
                 self.log_dir = self.work_dir / self.timestamp
-        self.logger = make_logger(self.log_dir / f"{self.timestamp}.log", log_level)
-        self.scalars = Visualizer.from_cfg(self.log_dir / "vis_data", visualizer)
-        self.logger.info(environment_banner(self.seed, self.deterministic))
+        self.timestamp = dist.broadcast_object(self.timestamp)  # rank 0 alone writes logs, scalars, checkpoints
+        self.log_dir = self.work_dir / self.timestamp
+        if self.rank == 0:
+            self.logger = make_logger(self.log_dir / f"{self.timestamp}.log", log_level)
+        else:
+            self.logger = make_logger(None, "WARNING")
+        self.scalars = Visualizer.from_cfg(self.log_dir / "vis_data", visualizer, write=self.rank == 0)
+        self.logger.info(environment_banner(self.seed, self.deterministic, self.launcher, self.world_size))
 
         self.state: TrainState | None = None
         self.tx = None
@@ -183,6 +196,7 @@ class Runner:
         self._epoch_start_rng: dict[str, Any] = {}
         self._resume_point: dict[str, Any] | None = None
         self._signal: int | None = None
+        self._signal_vote: tuple[Any, torch.Tensor] | None = None
         self.last_metrics: dict[str, Any] = {}  # of the latest validation or test
 
     @classmethod
@@ -231,10 +245,47 @@ class Runner:
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
+    def _start_distributed(self, launcher: str, env_cfg: Mapping | None) -> str:
+        """Applies ``env_cfg`` and joins the process group for ``launcher="pytorch"`` (or under torchrun)."""
+        env_cfg = dict(env_cfg or {})
+        build.check_keys("env_cfg", env_cfg, {"cudnn_benchmark", "mp_cfg", "dist_cfg"})
+        dist_cfg = dict(env_cfg.get("dist_cfg") or {})
+        build.check_keys("env_cfg.dist_cfg", dist_cfg, {"backend", "timeout"})
+        if env_cfg.get("cudnn_benchmark"):
+            torch.backends.cudnn.benchmark = True
+        mp_cfg = dict(env_cfg.get("mp_cfg") or {})
+        build.check_keys("env_cfg.mp_cfg", mp_cfg, {"mp_start_method", "opencv_num_threads"})
+        if "mp_start_method" in mp_cfg:
+            torch.multiprocessing.set_start_method(mp_cfg["mp_start_method"], force=True)
+        if "opencv_num_threads" in mp_cfg:
+            try:
+                import cv2
+
+                cv2.setNumThreads(mp_cfg["opencv_num_threads"])
+            except ImportError:
+                pass
+        if launcher not in ("none", "pytorch"):
+            raise ConfigError(
+                f"launcher={launcher!r} is not supported: start the script with torchrun (on SLURM: srun torchrun "
+                "...) and pass launcher='pytorch'")
+        if launcher == "none" and dist.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            launcher = "pytorch"  # under torchrun, N unrelated copies of one run are never what was meant
+        if launcher == "pytorch" or dist.is_distributed():
+            dist.init_distributed(dist_cfg.get("backend"), dist_cfg.get("timeout"))
+        return launcher
+
+    def _loader(self, cfg: Any, name: str, train: bool) -> Any:
+        """The data loader for ``cfg``, holding this rank's shard in a distributed run."""
+        loader = build.build_dataloader(cfg, name, self.seed, train=train)
+        try:
+            return shard_loader(loader, name, self.seed, train=train)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
     def _seed_everything(self) -> None:
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-        torch.manual_seed(self.seed)
+        random.seed(self.rank_seed)
+        np.random.seed(self.rank_seed % 2**32)
+        torch.manual_seed(self.rank_seed)
         if self.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -262,6 +313,7 @@ class Runner:
         if len(self.train_dataloader) == 0:
             raise ConfigError("train_dataloader is empty (length 0): check the dataset, batch_size and drop_last")
         epoch_length = len(self.train_dataloader)
+        self.optim_wrapper = self._scale_lr(self.optim_wrapper)
         opt_cfg = self.optim_wrapper.get("optimizer", {})
         base_lr = opt_cfg.get("lr", 0.0) if isinstance(opt_cfg, Mapping) else 0.0
         schedule = build.build_lr_schedule(self.param_scheduler, base_lr, epoch_length)
@@ -274,12 +326,32 @@ class Runner:
         self._train_step = make_train_step(self.model, self.tx, compile=self.compile, amp=amp, donate=True,
                                            dynamic_batch=_ragged(self.train_dataloader))
 
+    def _scale_lr(self, optim_wrapper: Mapping) -> Mapping:
+        """``auto_scale_lr``, the linear scaling rule: ``lr * ranks * batch_size * accumulation / base_batch_size``."""
+        cfg = self.auto_scale_lr
+        if not cfg or not cfg.get("enable", True):
+            return optim_wrapper
+        if "base_batch_size" not in cfg:
+            raise ConfigError("auto_scale_lr: missing 'base_batch_size' (the batch size the lr was tuned for)")
+        batch_size = getattr(self.train_dataloader, "batch_size", None)
+        if not batch_size:
+            raise ConfigError("auto_scale_lr needs a train_dataloader with a batch_size")
+        opt_cfg = dict(optim_wrapper.get("optimizer", {}))
+        if "lr" not in opt_cfg:
+            raise ConfigError("auto_scale_lr: optim_wrapper.optimizer has no 'lr' to scale")
+        real = self.world_size * batch_size * int(optim_wrapper.get("accumulative_counts", 1))
+        ratio = real / cfg["base_batch_size"]
+        self.logger.info(f"LR is set based on batch size of {cfg['base_batch_size']} and the current batch size is "
+                         f"{real}. Scaling the original LR by {ratio}.")
+        self.auto_scale_lr = {}  # scaled once, even if training is built again
+        return {**optim_wrapper, "optimizer": {**opt_cfg, "lr": opt_cfg["lr"] * ratio}}
+
     def _create_state(self) -> None:
         if self.state is not None:
             return
         tx = self.tx or build.build_optimizer(
             {"optimizer": {"type": "SGD", "lr": 0.0}}, self.model)[0]
-        state = TrainState.create(self.model, tx, seed=self.seed)
+        state = TrainState.create(self.model, tx, seed=self.rank_seed)
         extras = {}
         params = dict(state["params"].items())
         for hook in self.hooks:
@@ -290,6 +362,8 @@ class Runner:
         self.state = state
         if self.load_from:
             self._load_weights(self.load_from)
+        # Ranks may have initialised their models differently: all start from rank 0's state (but keep their RNG).
+        dist.broadcast_(flatten(state.exclude("rng"))[1])
 
     def _eval_state(self) -> TrainState:
         if self.eval_params_key == "params":
@@ -362,6 +436,8 @@ class Runner:
         """``(batch_idx, batch)`` over one pass of the train loader; after a resume, from the saved position."""
         loader, point = self.train_dataloader, self._resume_point
         self._resume_point = None
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # DefaultSampler, DistributedSampler
+            loader.sampler.set_epoch(self.epoch if self.by_epoch else self.iter // len(loader))
         if point is None:
             self._epoch_start_rng = capture_rng(loader)
             return self._timed(loader)
@@ -389,12 +465,21 @@ class Runner:
 
     def _run_train_iter(self, batch_idx: int, batch: Any) -> None:
         self.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
-        self.state, metrics = self._train_step(self.state, _to_device(batch, self.device))
+        try:
+            self.state, metrics = self._train_step(self.state, _to_device(batch, self.device))
+        except RuntimeError as exc:
+            if self.world_size > 1 and dist.is_collective_failure(exc):
+                raise dist.DistributedError(
+                    f"rank {self.rank}: the gradient all-reduce failed at iteration {self.iter + 1} "
+                    f"({self.describe_iter(self.iter + 1)}): another rank died or stopped responding (see its "
+                    f"log; collectives time out after env_cfg.dist_cfg.timeout). {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
         self.iter += 1
         self._batches_done = batch_idx + 1
         self._end_iter_timer()
         self.call_hook("after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
-        if self._signal is not None:
+        if self._signal_received():
             self._checkpoint_and_exit()
 
     def val(self) -> dict[str, Any]:
@@ -442,6 +527,7 @@ class Runner:
     def _checkpoint_extra(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "iter": self.iter, "batch": self._batches_done, "by_epoch": self.by_epoch,
+            "world_size": self.world_size, "samples": self._batches_done * self._global_batch_size(),
             "seed": self.seed, "rng": capture_rng(self.train_dataloader), "rng_epoch_start": self._epoch_start_rng,
             "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks)},
             "config": _jsonable({"train_cfg": self.train_cfg, "optim_wrapper": self.optim_wrapper,
@@ -449,7 +535,13 @@ class Runner:
         }
 
     def save_checkpoint(self, name: str, update_last: bool = True) -> Path:
-        """Saves the TrainState as ``work_dir/name`` atomically; ``last_checkpoint`` then names it."""
+        """Saves the TrainState as ``work_dir/name`` atomically; ``last_checkpoint`` then names it.
+
+        In a distributed run every rank holds the same state and rank 0 alone writes it, so a checkpoint does
+        not depend on the number of ranks.
+        """
+        if self.rank != 0:
+            return self.checkpoint_dir / name
         path = ckpt.save_state(self.state, self.checkpoint_dir / name, extra=self._checkpoint_extra())
         if update_last:
             last = self.checkpoint_dir / "last_checkpoint"
@@ -488,6 +580,26 @@ class Runner:
         candidates += [p for _, _, p in sorted(found, reverse=True) if p not in candidates]
         return candidates
 
+    def _global_batch_size(self) -> int:
+        return (getattr(self.train_dataloader, "batch_size", None) or 0) * self.world_size
+
+    def _resumed_batches(self, extra: dict[str, Any]) -> int:
+        """Batches of the current pass already trained on, for this run's ranks: a checkpoint records how many
+        samples of the pass were consumed, so a run may resume on a different number of ranks."""
+        batches = int(extra.get("batch", 0))
+        saved_world, samples, per_step = extra.get("world_size", 1), extra.get("samples"), self._global_batch_size()
+        if saved_world == self.world_size or not samples or not per_step:
+            return batches
+        if samples % per_step:
+            self.logger.warning(
+                f"The checkpoint was written by {saved_world} ranks after {samples} samples of the epoch, which is "
+                f"not a whole number of this run's global batches ({per_step}); resuming at batch "
+                f"{samples // per_step}, so the rest of this epoch's data differs from the original run.")
+        else:
+            self.logger.info(f"Resuming a {saved_world}-rank run on {self.world_size} rank(s) at sample {samples} "
+                             "of the epoch.")
+        return samples // per_step
+
     def _resume(self) -> None:
         if self.resume_from is True:
             candidates = self._resume_candidates()
@@ -512,7 +624,7 @@ class Runner:
                 f"{describe_difference(expected, got)}")
         self.state.update_(loaded)
         self.epoch, self.iter = int(extra["epoch"]), int(extra["iter"])
-        self._batches_done = int(extra.get("batch", 0))
+        self._batches_done = self._resumed_batches(extra)
         self._resume_point = {"batch": self._batches_done, "rng": extra["rng"],
                               "rng_epoch_start": extra.get("rng_epoch_start") or extra["rng"]}
         for i, hook in enumerate(self.hooks):
@@ -535,9 +647,28 @@ class Runner:
 
         return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
+    def _signal_received(self) -> bool:
+        """Whether to stop for a signal. Ranks vote with a non-blocking all-reduce started one iteration earlier,
+        so all of them stop after the same iteration (their collectives must pair up) and none waits for the vote.
+        """
+        if self.world_size == 1:
+            return self._signal is not None
+        received = False
+        if self._signal_vote is not None:
+            work, vote = self._signal_vote
+            work.wait()
+            received = bool(vote.item())
+            self._signal = self._signal or int(vote.item()) or None
+        vote = torch.tensor([self._signal or 0])
+        work = torch.distributed.all_reduce(vote, torch.distributed.ReduceOp.MAX, group=dist.cpu_group(),
+                                            async_op=True)
+        self._signal_vote = (work, vote)
+        return received
+
     def _checkpoint_and_exit(self) -> None:
         name = signal.Signals(self._signal).name
         path = self.save_checkpoint(f"iter_{self.iter}")
+        dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
         self.logger.info(f"Received {name}: saved checkpoint {path} at iteration {self.iter}; "
                          "resume with resume=True. Exiting.")
         self._sync_model()

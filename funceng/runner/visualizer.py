@@ -50,7 +50,8 @@ BACKENDS = {"LocalVisBackend": LocalVisBackend, "TensorboardVisBackend": Tensorb
 class Visualizer:
     """Sends each record of scalars to every backend; non-numeric and ``None`` values are dropped."""
 
-    def __init__(self, save_dir: Path, vis_backends: Sequence[Mapping[str, Any]] | None = None):
+    def __init__(self, save_dir: Path, vis_backends: Sequence[Mapping[str, Any]] | None = None, write: bool = True):
+        """``write=False`` (ranks other than 0) checks the config but writes nothing."""
         self.backends = []
         for i, cfg in enumerate(vis_backends or [{"type": "LocalVisBackend"}]):
             check_keys(f"visualizer.vis_backends[{i}]", cfg, {"type"})
@@ -58,13 +59,14 @@ class Visualizer:
             if name not in BACKENDS:
                 raise ConfigError(f"visualizer.vis_backends[{i}].type: unknown backend {name!r}; "
                                   f"supported: {sorted(BACKENDS)}")
-            self.backends.append(BACKENDS[name](save_dir))
+            if write:
+                self.backends.append(BACKENDS[name](save_dir))
 
     @classmethod
-    def from_cfg(cls, save_dir: Path, cfg: Mapping[str, Any] | None) -> Visualizer:
+    def from_cfg(cls, save_dir: Path, cfg: Mapping[str, Any] | None, write: bool = True) -> Visualizer:
         cfg = dict(cfg or {})
         check_keys("visualizer", cfg, {"type", "vis_backends", "name"})
-        return cls(save_dir, cfg.get("vis_backends"))
+        return cls(save_dir, cfg.get("vis_backends"), write)
 
     def write(self, scalars: dict[str, Any], step: int) -> None:
         numeric = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

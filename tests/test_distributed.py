@@ -1,0 +1,147 @@
+"""Data-parallel training on CPU with gloo, launched by torchrun like a user would (see tests/dist_worker.py).
+
+Tolerance: 2 ranks with batch B/2 sum the same float32 per-sample gradients as 1 rank with batch B, in another
+order, so weights after 12 steps agree to within 1e-5 absolute (measured: about 1e-7), not bitwise.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from funceng.checkpoint import load_state
+from funceng.tree import flatten
+from tests.dist_worker import GLOBAL_BATCH, TIMEOUT_S, build_runner
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ATOL = 1e-5
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(WORKER), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
+    return result
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
+
+
+def ranks(out: Path, n: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+def params(checkpoint: Path) -> list[torch.Tensor]:
+    return flatten(load_state(checkpoint)[0]["params"])[1]
+
+
+def assert_close(a: Path, b: Path) -> float:
+    diff = max((x - y).abs().max().item() for x, y in zip(params(a), params(b), strict=True))
+    assert diff < ATOL, f"{a} and {b} differ by {diff}"
+    return diff
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One rank with batch 16, and two ranks with batch 8 each, trained on the same data for 12 steps."""
+    root = tmp_path_factory.mktemp("dist")
+    single = build_runner(root / "single" / "work", GLOBAL_BATCH)
+    single.train()
+    single_metrics = single.test()
+    result = torchrun(2, "runner", str(root / "two"), "--batch-size", str(GLOBAL_BATCH // 2))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, single_metrics, result
+
+
+def test_two_ranks_with_half_batches_end_with_the_weights_of_one_rank_with_the_full_batch(runs):
+    root, _, _ = runs
+    two = ranks(root / "two", 2)
+    assert two[0]["digest"] == two[1]["digest"], "ranks ended with different states"
+    assert two[0]["world_size"] == 2 and two[0]["iter"] == 12
+    assert two[0]["lr"] == 0.05  # auto_scale_lr: 0.05 * (2 ranks * 8) / 8, halved by the schedule at epoch 1
+    assert_close(root / "single" / "work" / "iter_12", root / "two" / "work" / "iter_12")
+
+
+def test_distributed_metrics_equal_single_process_metrics_on_the_same_weights(runs, tmp_path):
+    root, _, _ = runs
+    two = ranks(root / "two", 2)
+    assert two[0]["metrics"] == two[1]["metrics"]
+    assert two[0]["metrics"]["samples/count"] == 45  # no sample of the 45 is counted twice or dropped
+    evaluate = build_runner(tmp_path / "eval", GLOBAL_BATCH, load_from=str(root / "two" / "work" / "iter_12"),
+                            train_dataloader=None, optim_wrapper=None, train_cfg=None, param_scheduler=None)
+    assert evaluate.test() == two[0]["metrics"]
+
+
+def test_only_rank_zero_logs_and_writes_checkpoints(runs):
+    root, _, result = runs
+    work = root / "two" / "work"
+    assert sorted(p.name for p in work.iterdir() if not p.name[0].isdigit()) == ["iter_12", "iter_9",
+                                                                                   "last_checkpoint"]
+    (log_dir,) = [p for p in work.iterdir() if p.name[0].isdigit()]
+    log = (log_dir / f"{log_dir.name}.log").read_text()
+    assert "World size: 2" in log and "Epoch(train) [2][6/6]" in log
+    assert result.stdout.count("Epoch(train) [2][6/6]") == 1  # printed by rank 0 only
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one_rank(runs, tmp_path):
+    root, _, _ = runs
+    saved = root / "two" / "work" / "iter_9"
+    runner = build_runner(tmp_path / "work", GLOBAL_BATCH, resume_from=str(saved))
+    runner._build_training()
+    runner._resume()
+    loaded = load_state(saved)[0]
+    for a, b in zip(flatten(runner.state)[1], flatten(loaded)[1], strict=True):
+        assert torch.equal(a, b)
+    runner.train()  # a fresh runner: train() builds and resumes itself
+    assert runner.iter == 12
+    assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")
+
+
+def test_checkpoint_from_one_rank_resumes_on_two_ranks(runs, tmp_path):
+    root, single_metrics, _ = runs
+    result = torchrun(2, "runner", str(tmp_path), "--batch-size", str(GLOBAL_BATCH // 2),
+                      "--resume-from", str(root / "single" / "work" / "iter_9"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Resuming a 1-rank run on 2 rank(s) at sample 48 of the epoch" in result.stdout
+    assert ranks(tmp_path, 2)[0]["iter"] == 12
+    assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")
+
+
+def test_compiled_step_averages_gradients_in_one_graph(tmp_path):
+    result = torchrun(2, "step", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = ranks(tmp_path, 2)
+    assert two[0]["digest"] == two[1]["digest"]
+    for record in two:
+        assert record["max_param_diff"] < ATOL and record["loss_diff"] < ATOL
+        assert record["graphs"] == 1 and record["graph_breaks"] == 0
+
+
+def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
+    """Started by hand with torchrun's environment, so no launcher stops the survivor for us."""
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500), "WORLD_SIZE": "2"}
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "die", str(tmp_path)], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outputs = [p.communicate(timeout=TIMEOUT_S + 60) for p in procs]
+    elapsed = time.monotonic() - start
+    assert procs[1].returncode == 3
+    assert procs[0].returncode != 0
+    assert elapsed < TIMEOUT_S + 30
+    assert "DistributedError: rank 0: the gradient all-reduce failed at iteration 4" in outputs[0][1]
+    assert "another rank died or stopped responding" in outputs[0][1]
+
+
+def test_torchrun_stops_the_job_when_a_rank_dies(tmp_path):
+    start = time.monotonic()
+    result = torchrun(2, "die", str(tmp_path), timeout=TIMEOUT_S + 60)
+    assert result.returncode != 0
+    assert time.monotonic() - start < TIMEOUT_S + 30
+    assert "exitcode  : 3" in result.stderr
