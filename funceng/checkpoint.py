@@ -5,6 +5,11 @@ Layout of a checkpoint directory::
     <name>/meta.json        format, versions, structure of the state, per-tensor dtype/shape/file/sha256,
                             and the caller's ``extra`` metadata (epoch, iteration, RNG states, ...)
     <name>/tensors/<i>.bin  the bytes of leaf ``i``, C-contiguous
+    <name>/tensors/<i>.<row>.bin  for a sharded state (`funceng.sharding`): the rows of leaf ``i`` that one rank
+                            held, from ``row`` on; meta.json lists each such piece with its row range
+
+A checkpoint does not depend on the number of ranks that wrote it: any run loads it whole, or any rank just
+the rows of its own shard, whatever the sharding when it was saved.
 
 Writes are atomic: everything goes to a hidden sibling directory which is fsynced and renamed into place, so a
 crash at any moment leaves either the old checkpoint or the new one, never a partial one. Loading reads only
@@ -17,13 +22,15 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from funceng import tree
+from funceng import dist, tree
+from funceng.sharding import ShardLayout
 from funceng.state import TrainState
 
 FORMAT = "funceng.checkpoint/1"
@@ -59,22 +66,63 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
-    """Writes ``state`` (and JSON-serialisable ``extra``) to the checkpoint directory ``path``, atomically."""
+def _dtype_name(leaf: torch.Tensor) -> str:
+    dtype = str(leaf.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"cannot save a tensor of dtype {leaf.dtype}")
+    return dtype
+
+
+def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, Any] | None = None,
+               shards: ShardLayout | None = None) -> Path:
+    """Writes ``state`` (and JSON-serialisable ``extra``) to the checkpoint directory ``path``, atomically.
+
+    With ``shards`` (a sharded state, `funceng.sharding.shard_layout`) every rank must call this: each writes
+    the rows it holds, and rank 0 the unsharded leaves and the manifest. Without, only the caller writes.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tensors").mkdir(parents=True)
+    sharded = bool(shards) and dist.get_world_size() > 1
+    writer = not sharded or dist.get_rank() == 0
+    tmp = path.with_name(f".{path.name}.tmp-{dist.broadcast_object(os.getpid()) if sharded else os.getpid()}")
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "tensors").mkdir(parents=True)
+    if sharded:
+        dist.barrier()
     structure, leaves = tree.flatten(state)
-    entries = []
+    entries: dict[int, dict[str, Any]] = {}
     for i, leaf in enumerate(leaves):
-        dtype = str(leaf.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"cannot save a tensor of dtype {leaf.dtype}")
-        file = f"tensors/{i}.bin"
-        digest = _write(tmp / file, _tensor_bytes(leaf))
-        entries.append({"file": file, "dtype": dtype, "shape": list(leaf.shape), "sha256": digest})
+        shard = (shards or {}).get(i) if sharded else None
+        if shard is None:
+            if writer:
+                file = f"tensors/{i}.bin"
+                entries[i] = {"file": file, "dtype": _dtype_name(leaf), "shape": list(leaf.shape),
+                              "sha256": _write(tmp / file, _tensor_bytes(leaf))}
+        elif shard.rows:
+            file = f"tensors/{i}.{shard.start}.bin"
+            entries[i] = {"dtype": _dtype_name(leaf), "shape": list(shard.shape), "pieces": [{
+                "file": file, "rows": [shard.start, shard.start + shard.rows],
+                "sha256": _write(tmp / file, _tensor_bytes(leaf))}]}
+    if sharded:
+        gathered = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(gathered, entries)
+        entries = {}
+        for part in gathered:
+            for i, entry in part.items():
+                if i in entries and "pieces" in entry:
+                    entries[i]["pieces"] = sorted(entries[i]["pieces"] + entry["pieces"], key=lambda p: p["rows"])
+                else:
+                    entries[i] = entry
+    if writer:
+        _publish(tmp, path, structure, [entries[i] for i in range(len(leaves))], extra)
+    if sharded:
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    return path
+
+
+def _publish(tmp: Path, path: Path, structure: Any, entries: list[dict], extra: dict | None) -> None:
+    """Writes the manifest into the complete temporary directory, then renames it to ``path``."""
     meta = {
         "format": FORMAT,
         "versions": {"funceng": _version(), "torch": torch.__version__},
@@ -93,7 +141,6 @@ def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, A
     else:
         os.rename(tmp, path)
     _fsync_dir(path.parent)
-    return path
 
 
 def _version() -> str:
@@ -127,28 +174,64 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_state(path: str | os.PathLike, *, verify: bool = True) -> tuple[TrainState, dict[str, Any]]:
-    """``(state, extra)`` from a checkpoint directory; ``verify`` checks every tensor file's sha256."""
+def _read(file: Path, sha256: str, shape: list[int], dtype: torch.dtype, verify: bool) -> torch.Tensor:
+    """The tensor in ``file``, checked against its recorded digest and size."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing from checkpoint {file.parent.parent}") from None
+    if verify and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{file} is corrupt: its sha256 does not match the one recorded in meta.json")
+    expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise CheckpointError(f"{file} is truncated or corrupt: {len(data)} bytes, expected {expected}")
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def _read_rows(path: Path, entry: dict, dtype: torch.dtype, rows: tuple[int, int], verify: bool) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a leaf, from whichever files hold them (one whole file, or sharded pieces)."""
+    shape = entry["shape"]
+    if "pieces" not in entry:
+        return _read(path / entry["file"], entry["sha256"], shape, dtype, verify)[rows[0]: rows[1]]
+    parts, covered = [], rows[0]
+    for piece in entry["pieces"]:
+        first, last = piece["rows"]
+        if last <= rows[0] or first >= rows[1]:
+            continue
+        if first > covered:
+            break
+        data = _read(path / piece["file"], piece["sha256"], [last - first, *shape[1:]], dtype, verify)
+        parts.append(data[max(rows[0], first) - first: min(rows[1], last) - first])
+        covered = min(rows[1], last)
+    if covered < rows[1]:
+        raise CheckpointError(f"{path}: the pieces of a sharded tensor do not cover rows {covered}..{rows[1]}")
+    return torch.cat(parts) if parts else torch.empty([0, *shape[1:]], dtype=dtype)
+
+
+def load_state(path: str | os.PathLike, *, verify: bool = True,
+               shards: Callable[[dict, list], ShardLayout] | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """``(state, extra)`` from a checkpoint directory; ``verify`` checks every tensor file's sha256.
+
+    ``shards`` (for a sharded model, `funceng.sharding.checkpoint_shard_layout`) maps the checkpoint's structure
+    and full leaf shapes to the leaves this rank loads only its rows of, whatever sharding the checkpoint was
+    written with; other leaves are loaded whole.
+    """
     path = Path(path)
     meta = read_meta(path)
+    layout = shards(meta["structure"], [e["shape"] for e in meta["tensors"]]) if shards else {}
     leaves = []
-    for entry in meta["tensors"]:
-        file = path / entry["file"]
+    for i, entry in enumerate(meta["tensors"]):
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{file}: unknown dtype {entry['dtype']!r}")
-        try:
-            data = file.read_bytes()
-        except FileNotFoundError:
-            raise CheckpointError(f"{file} is missing from checkpoint {path}") from None
-        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CheckpointError(f"{file} is corrupt: its sha256 does not match the one recorded in meta.json")
-        shape = entry["shape"]
-        expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if len(data) != expected:
-            raise CheckpointError(f"{file} is truncated or corrupt: {len(data)} bytes, expected {expected}")
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        leaves.append(raw.view(dtype).reshape(shape))
+            raise CheckpointError(f"{path / entry.get('file', 'meta.json')}: unknown dtype {entry['dtype']!r}")
+        shard = layout.get(i)
+        if shard is not None:
+            leaves.append(_read_rows(path, entry, dtype, (shard.start, shard.start + shard.rows), verify))
+        elif "pieces" in entry:
+            leaves.append(_read_rows(path, entry, dtype, (0, entry["shape"][0]), verify))
+        else:
+            leaves.append(_read(path / entry["file"], entry["sha256"], entry["shape"], dtype, verify))
     state = TrainState(tree.unflatten(meta["structure"], leaves), batch_size=[])
     state.lock_()
     return state, meta["extra"]

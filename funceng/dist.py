@@ -6,6 +6,7 @@ Everything here is a no-op in a single process, so code written for one device r
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any
@@ -13,6 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
+
+
+EXIT_BARRIER_S = 10  # how long a rank that exits waits for the others to exit too
 
 
 class DistributedError(RuntimeError):
@@ -73,7 +77,19 @@ def init_distributed(backend: str | None = None, timeout: float | None = None) -
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
     torch_dist.init_process_group(**kwargs)
+    atexit.register(_shutdown)
     init_distributed()
+
+
+def _shutdown() -> None:
+    """Leaves the process group this module joined, so the backend's threads stop before the interpreter."""
+    if not is_distributed():
+        return
+    try:  # a rank that leaves while another still talks to it can abort the other's gloo threads: leave together
+        torch_dist.monitored_barrier(_cpu_group, timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+    except RuntimeError:
+        pass  # a rank failed or is gone: leave now
+    torch_dist.destroy_process_group()
 
 
 def is_collective_failure(exc: BaseException) -> bool:

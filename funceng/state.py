@@ -57,10 +57,17 @@ class TrainState(TensorDict):
         """The initial state for ``model`` trained by ``tx``.
 
         The state owns copies of the model's parameters and buffers; the model is then re-pointed at the
-        state's tensors, so the two share storage and no second copy of the weights stays alive.
+        state's tensors, so the two share storage and no second copy of the weights stays alive. For a model
+        sharded with `funceng.sharding.fully_shard_model` the state holds this rank's rows of each parameter.
         """
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        from funceng.sharding import is_sharded, local_params
+
+        sharded = is_sharded(model)
+        if sharded:  # this rank's rows, the very storage of the model's sharded parameters (see funceng.sharding)
+            params, buffers = local_params(model), dict(model.named_buffers())
+        else:
+            params = {name: p.detach().clone() for name, p in model.named_parameters()}
+            buffers = {name: b.clone() for name, b in model.named_buffers()}
         device = next(iter(params.values())).device if params else torch.device("cpu")
         state = cls(
             {
@@ -77,7 +84,8 @@ class TrainState(TensorDict):
             batch_size=[],
         )
         state.lock_()
-        ModuleBinding(model, list(params), list(buffers)).bind(list(params.values()), list(buffers.values()))
+        if not sharded:
+            ModuleBinding(model, list(params), list(buffers)).bind(list(params.values()), list(buffers.values()))
         return state
 
     def __getitem__(self, key: Any) -> Any:

@@ -183,7 +183,17 @@ class _Step:
     are built from the first state seen."""
 
     def __init__(self, model: nn.Module, fn, compile, amp, dynamic_batch: bool):
+        from funceng.sharding import is_sharded
+
         self.model = model
+        self.sharded = is_sharded(model)
+        if self.sharded and compile == "auto":
+            compile = False
+        if self.sharded and compile is not False:
+            raise ValueError(
+                "compile: a model sharded with fully_shard runs its step eagerly (FSDP2 gathers and frees parameters "
+                "in module hooks, which a whole-step graph cannot hold); compile its blocks instead, with "
+                "torch.compile(block) before sharding, and pass compile=False")
         self.compile_options = _resolve_compile(compile, model)
         self.compiled = self.compile_options is not None
         self.amp_dtype = _amp_dtype(amp)
@@ -211,7 +221,12 @@ class TrainStep(_Step):
     def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False,
                  data_parallel=None):
         super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
-        self.data_parallel = dist.get_world_size() > 1 if data_parallel is None else bool(data_parallel)
+        if self.sharded and not donate:
+            raise ValueError("donate=False: a sharded model's state shares storage with the model, so every step "
+                             "must update it in place (donate=True)")
+        if data_parallel is None:
+            data_parallel = dist.get_world_size() > 1
+        self.data_parallel = data_parallel and not self.sharded  # FSDP2 averages sharded gradients itself
         self.tx = optim.accumulate(tx, accumulate)
         self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
         self._loss_module = _LossModule(model, self.loss_fn)
@@ -248,6 +263,18 @@ class TrainStep(_Step):
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
         return dict(zip(params, grads)), loss.detach(), logs
 
+    def _grads_sharded(self, params, buffers, batch, scale):
+        """FSDP2: the model already computes with the state's rows; its backward hooks reduce-scatter the
+        averaged gradients into each sharded parameter's ``.grad``, which is taken (and cleared) here."""
+        with self._autocast():
+            loss, logs = parse_loss(self.loss_fn(self.model, batch))
+        (loss if scale is None else loss * scale).backward()
+        grads = {}
+        for (name, param), local in zip(self.model.named_parameters(), params.values()):
+            grads[name] = torch.zeros_like(local) if param.grad is None else param.grad.to_local()
+            param.grad = None
+        return grads, loss.detach(), logs
+
     def _grads_functional(self, params, buffers, batch, scale):
         def loss_of(p, b):
             with self._autocast():
@@ -263,10 +290,15 @@ class TrainStep(_Step):
         params, buffers, opt_state = s["params"], s["buffers"], s["opt_state"]
         fp16 = self.amp_dtype == torch.float16
         scale = s["loss_scale"]["scale"] if fp16 else None
-        grads_fn = self._grads_functional if self.compiled else self._grads_eager
+        if self.compiled:
+            grads_fn = self._grads_functional
+        else:
+            grads_fn = self._grads_sharded if self.sharded else self._grads_eager
         grads, loss, logs = grads_fn(params, buffers, batch, scale)
         if self.data_parallel:
             grads, loss, logs = _mean_across_ranks(grads, loss, logs)
+        elif self.sharded:
+            _, loss, logs = _mean_across_ranks({}, loss, logs)  # the logged loss is the global batch's
         if fp16:
             updates, finite = self._unscale(grads, s["loss_scale"])
             optim.apply_if(finite, self.tx, updates, opt_state, params)
@@ -327,6 +359,9 @@ class EvalStep(_Step):
         s = layout.unflatten(leaves)
         if self.dynamic_batch:
             _mark_batch_dynamic(batch)
+        if self.sharded:
+            with torch.no_grad(), self._autocast():
+                return self.predict_fn(self.model, batch)
         with torch.no_grad():
             return self._fn(s["params"], s["buffers"], batch)
 

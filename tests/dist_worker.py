@@ -1,6 +1,7 @@
 """Distributed runs for tests/test_distributed.py, started with ``torchrun --nproc_per_node=N``.
 
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py runner OUT --batch-size 8 [--resume-from CKPT]
+                                                                         [--fsdp]
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py die OUT
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py step OUT
 
@@ -92,11 +93,13 @@ def last_lr(state) -> float:
 
 
 def run_runner(out: Path, args) -> None:
-    runner = build_runner(out / "work", args.batch_size, args.resume_from)
+    sharding = dict(model_wrapper_cfg=dict(type="MMFullyShardedDataParallel", shard_modules=[nn.Linear]))
+    runner = build_runner(out / "work", args.batch_size, args.resume_from, **(sharding if args.fsdp else {}))
     runner.train()
     metrics = runner.test()
     record = {"rank": runner.rank, "world_size": runner.world_size, "digest": digest(runner.state),
-              "metrics": metrics, "lr": last_lr(runner.state), "iter": runner.iter}
+              "metrics": metrics, "lr": last_lr(runner.state), "iter": runner.iter,
+              "param_elements": sum(p.numel() for p in runner.state["params"].values())}
     (out / f"rank{runner.rank}.json").write_text(json.dumps(record))
 
 
@@ -148,5 +151,6 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--resume-from")
+    parser.add_argument("--fsdp", action="store_true", help="shard the state with FSDP2")
     args = parser.parse_args()
     {"runner": run_runner, "die": run_die, "step": run_step}[args.scenario](args.out, args)

@@ -145,3 +145,44 @@ def test_torchrun_stops_the_job_when_a_rank_dies(tmp_path):
     assert result.returncode != 0
     assert time.monotonic() - start < TIMEOUT_S + 30
     assert "exitcode  : 3" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The run of `runs`, on two ranks with the state sharded by FSDP2."""
+    out = tmp_path_factory.mktemp("fsdp")
+    result = torchrun(2, "runner", str(out), "--batch-size", str(GLOBAL_BATCH // 2), "--fsdp")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_sharded_state_holds_each_parameter_once_across_ranks(sharded):
+    two = ranks(sharded, 2)
+    total = sum(p.numel() for p in params(sharded / "work" / "iter_12"))
+    assert two[0]["param_elements"] + two[1]["param_elements"] == total
+    assert max(r["param_elements"] for r in two) < 0.6 * total
+    meta = json.loads((sharded / "work" / "iter_12" / "meta.json").read_text())
+    pieces = [e["pieces"] for e in meta["tensors"] if "pieces" in e]
+    assert pieces and all(len(p) == 2 for p in pieces)  # every sharded leaf written as one piece per rank
+
+
+def test_sharded_training_matches_one_rank_with_the_full_batch(runs, sharded):
+    root, _, _ = runs
+    assert_close(sharded / "work" / "iter_12", root / "single" / "work" / "iter_12")
+    assert ranks(sharded, 2)[0]["metrics"] == ranks(sharded, 2)[1]["metrics"]
+
+
+def test_sharded_checkpoint_resumes_on_one_rank(runs, sharded, tmp_path):
+    root, _, _ = runs
+    runner = build_runner(tmp_path / "work", GLOBAL_BATCH, resume_from=str(sharded / "work" / "iter_9"))
+    runner.train()
+    assert runner.iter == 12
+    assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")
+
+
+def test_full_checkpoint_resumes_sharded_on_two_ranks(runs, tmp_path):
+    root, _, _ = runs
+    result = torchrun(2, "runner", str(tmp_path), "--batch-size", str(GLOBAL_BATCH // 2), "--fsdp",
+                      "--resume-from", str(root / "single" / "work" / "iter_9"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")

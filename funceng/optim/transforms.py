@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from funceng import dist
 from funceng.optim.base import (
     GradientTransformation,
     OptState,
@@ -137,10 +138,11 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     return GradientTransformation(init, update)
 
 
-def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransformation:
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6, across_ranks: bool = False) -> GradientTransformation:
     """``u <- u * min(1, max_norm / (||u||_2 + eps))`` over all leaves, as ``torch.nn.utils.clip_grad_norm_``.
 
-    The norm before clipping is kept in ``state["grad_norm"]`` for logging.
+    The norm before clipping is kept in ``state["grad_norm"]`` for logging. ``across_ranks``: each rank holds
+    some rows of the gradient (a sharded model), so ``||u||^2`` is the sum over ranks of the local ones.
     """
 
     def init(params: Params) -> OptState:
@@ -150,7 +152,11 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransform
         if not updates:
             return updates, state
         grads = values(updates)
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if across_ranks:
+            local = torch.stack(torch._foreach_norm(grads)).square().sum()
+            total = (dist.mean_across_ranks([local])[0] * dist.get_world_size()).sqrt()
+        else:
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + eps), max=1.0))
         state["grad_norm"].copy_(total)
         return updates, state

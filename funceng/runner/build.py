@@ -124,12 +124,13 @@ def _scaled(lr: float | Callable, mult: float):
 
 
 def build_optimizer(
-    optim_wrapper: Mapping[str, Any], model: nn.Module, lr_schedule: Callable | None = None
+    optim_wrapper: Mapping[str, Any], model: nn.Module, lr_schedule: Callable | None = None, sharded: bool = False
 ) -> tuple[optim.GradientTransformation, str | None, int, float]:
     """``(tx, amp, accumulate, base_lr)`` from an MMEngine ``optim_wrapper`` dict.
 
     ``lr_schedule`` (from ``param_scheduler``) replaces the constant learning rate; param groups from
-    ``paramwise_cfg`` scale it by their ``lr_mult``.
+    ``paramwise_cfg`` scale it by their ``lr_mult``. ``sharded``: the gradients are row shards (FSDP2), so
+    clipping by norm sums the squared norms over the ranks.
     """
     check_keys("optim_wrapper", optim_wrapper,
                {"type", "optimizer", "clip_grad", "accumulative_counts", "dtype", "paramwise_cfg", "loss_scale"})
@@ -163,7 +164,7 @@ def build_optimizer(
             check_keys("optim_wrapper.clip_grad", clip, {"type", "max_norm", "norm_type", "error_if_nonfinite"})
             if clip.get("norm_type", 2) != 2:
                 raise ConfigError("optim_wrapper.clip_grad.norm_type: only the L2 norm (2) is supported")
-            tx = optim.chain(optim.clip_by_global_norm(clip["max_norm"]), tx)
+            tx = optim.chain(optim.clip_by_global_norm(clip["max_norm"], across_ranks=sharded), tx)
         elif clip_type == "value":
             check_keys("optim_wrapper.clip_grad", clip, {"type", "clip_value"})
             tx = optim.chain(optim.clip_by_value(clip["clip_value"]), tx)
@@ -333,6 +334,23 @@ def build_dataloader(cfg: Any, name: str, seed: int | None = None, train: bool =
         return DataLoader(dataset, **cfg)
     except TypeError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+MODEL_WRAPPERS = {"MMDistributedDataParallel": {"type", "find_unused_parameters"},
+                  "MMFullyShardedDataParallel": {"type", "shard_modules"}}
+
+
+def check_model_wrapper_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model_wrapper_cfg`` with its type checked. Data parallelism (the default) needs no options: gradients
+    of unused parameters are zeros, so ``find_unused_parameters`` always holds. ``MMFullyShardedDataParallel``
+    shards the state with FSDP2; ``shard_modules`` are the module classes that form FSDP units."""
+    cfg = dict(cfg or {"type": "MMDistributedDataParallel"})
+    kind = type_name(cfg.get("type", "MMDistributedDataParallel"))
+    if kind not in MODEL_WRAPPERS:
+        raise ConfigError(f"model_wrapper_cfg.type: unknown wrapper {kind!r}{_suggest(kind, MODEL_WRAPPERS)}; "
+                          f"supported: {sorted(MODEL_WRAPPERS)}")
+    check_keys("model_wrapper_cfg", cfg, MODEL_WRAPPERS[kind])
+    return {**cfg, "type": kind}
 
 
 def build_model(cfg: Any) -> nn.Module:

@@ -23,11 +23,12 @@ from funceng import dist
 from funceng.evaluator import Evaluator
 from funceng.runner import build
 from funceng.runner.build import ConfigError
-from funceng.runner.hooks import HOOKS, CheckpointHook, Hook, LoggerHook
+from funceng.runner.hooks import HOOKS, CheckpointHook, EMAHook, Hook, LoggerHook
 from funceng.runner.log import close_logger, environment_banner, make_logger
 from funceng.runner.resume import capture_rng, forked_rng, restore_rng, resume_position
 from funceng.runner.sampler import shard_loader
 from funceng.runner.visualizer import Visualizer
+from funceng.sharding import checkpoint_shard_layout, fully_shard_model, is_sharded, shard_layout
 from funceng.state import TrainState
 from funceng.step import make_eval_step, make_train_step
 from funceng.tree import describe_difference, flatten
@@ -119,6 +120,7 @@ class Runner:
         launcher: str = "none",
         visualizer: Mapping | None = None,
         auto_scale_lr: Mapping | None = None,
+        model_wrapper_cfg: Mapping | None = None,
     ):
         self.work_dir = Path(work_dir).resolve()
         if self.work_dir.exists() and not self.work_dir.is_dir():
@@ -164,8 +166,17 @@ class Runner:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.model = model.to(self.device)
+        wrapper = build.check_model_wrapper_cfg(model_wrapper_cfg)
+        if wrapper["type"] == "MMFullyShardedDataParallel":
+            if self.world_size == 1:
+                raise ConfigError("model_wrapper_cfg: MMFullyShardedDataParallel shards over several ranks; start "
+                                  "with torchrun --nproc_per_node=N and launcher='pytorch'")
+            fully_shard_model(self.model, tuple(wrapper.get("shard_modules", ())) or None)
+        self.sharded = is_sharded(self.model)
         self.hooks: list[Hook] = []
         self._register_hooks(default_hooks or {}, custom_hooks or [])
+        if self.sharded and any(isinstance(h, EMAHook) for h in self.hooks):
+            raise ConfigError("custom_hooks: EMAHook cannot evaluate an averaged copy of a sharded model")
 
         self.timestamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
         self.log_dir = self.work_dir / self.timestamp
@@ -321,7 +332,8 @@ class Runner:
         if schedule is not None and k > 1:  # the schedule runs in iterations; the optimizer sees every k-th one
             per_iter = schedule
             schedule = lambda count: per_iter(count * k + (k - 1))  # noqa: E731
-        self.tx, amp, accumulate, _ = build.build_optimizer(self.optim_wrapper, self.model, schedule)
+        self.tx, amp, accumulate, _ = build.build_optimizer(self.optim_wrapper, self.model, schedule,
+                                                            sharded=self.sharded)
         self._create_state()
         self._train_step = make_train_step(self.model, self.tx, compile=self.compile, amp=amp, donate=True,
                                            dynamic_batch=_ragged(self.train_dataloader))
@@ -362,8 +374,8 @@ class Runner:
         self.state = state
         if self.load_from:
             self._load_weights(self.load_from)
-        # Ranks may have initialised their models differently: all start from rank 0's state (but keep their RNG).
-        dist.broadcast_(flatten(state.exclude("rng"))[1])
+        if not self.sharded:  # ranks may have initialised their models differently: all start from rank 0's state
+            dist.broadcast_(flatten(state.exclude("rng"))[1])
 
     def _eval_state(self) -> TrainState:
         if self.eval_params_key == "params":
@@ -392,6 +404,9 @@ class Runner:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self._signal_vote is not None:  # a collective still in flight when the process exits aborts it
+                self._signal_vote[0].wait()
+                self._signal_vote = None
             self._sync_model()
         self.call_hook("after_train")
         self.call_hook("after_run")
@@ -515,7 +530,7 @@ class Runner:
 
     def _sync_model(self) -> None:
         """Points the model at the current state's weights (compiled steps do not bind it)."""
-        if self.state is not None:
+        if self.state is not None and not self.sharded:
             from funceng.binding import ModuleBinding
 
             params, buffers = self.state["params"], self.state["buffers"]
@@ -537,13 +552,17 @@ class Runner:
     def save_checkpoint(self, name: str, update_last: bool = True) -> Path:
         """Saves the TrainState as ``work_dir/name`` atomically; ``last_checkpoint`` then names it.
 
-        In a distributed run every rank holds the same state and rank 0 alone writes it, so a checkpoint does
-        not depend on the number of ranks.
+        In a data-parallel run every rank holds the same state and rank 0 alone writes it; a sharded state is
+        written by all ranks, each its rows. Either way the checkpoint does not depend on the number of ranks.
         """
-        if self.rank != 0:
+        if self.sharded:
+            path = ckpt.save_state(self.state, self.checkpoint_dir / name, extra=self._checkpoint_extra(),
+                                   shards=shard_layout(self.model, self.state))
+        elif self.rank == 0:
+            path = ckpt.save_state(self.state, self.checkpoint_dir / name, extra=self._checkpoint_extra())
+        else:
             return self.checkpoint_dir / name
-        path = ckpt.save_state(self.state, self.checkpoint_dir / name, extra=self._checkpoint_extra())
-        if update_last:
+        if update_last and self.rank == 0:
             last = self.checkpoint_dir / "last_checkpoint"
             tmp = last.with_name(".last_checkpoint.tmp")
             with open(tmp, "w") as f:
@@ -553,8 +572,12 @@ class Runner:
             os.replace(tmp, last)
         return path
 
+    def _load(self, path: str | os.PathLike) -> tuple[TrainState, dict[str, Any]]:
+        """A checkpoint's state: whole, or this rank's rows of it for a sharded model."""
+        return ckpt.load_state(path, shards=checkpoint_shard_layout(self.model) if self.sharded else None)
+
     def _load_weights(self, path: str | os.PathLike) -> None:
-        loaded, _ = ckpt.load_state(path)
+        loaded, _ = self._load(path)
         for part in ("params", "buffers"):
             if set(loaded[part].keys()) != set(self.state[part].keys()):
                 raise ckpt.CheckpointError(
@@ -610,7 +633,7 @@ class Runner:
             candidates = [Path(self.resume_from)]
         for i, path in enumerate(candidates):
             try:
-                loaded, extra = ckpt.load_state(path)
+                loaded, extra = self._load(path)
                 break
             except ckpt.CheckpointError as exc:
                 if i + 1 == len(candidates):
