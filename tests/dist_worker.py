@@ -4,11 +4,13 @@
                                                                          [--fsdp]
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py die OUT
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py step OUT
+    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py buffers OUT
 
 ``runner`` trains `build_runner`'s run (the same one the tests run in a single process), then tests it; every
 rank writes ``OUT/rank<r>.json`` (a digest of its final state, its metrics) and rank 0 the checkpoints.
 ``die``: rank 1 exits abruptly at iteration 4; the others must fail with a clear error, not hang.
 ``step``: the bare functional API (compiled step with the gradient all-reduce inside), checked in the worker.
+``buffers``: BatchNorm statistics per rank without and with `SyncBuffersHook`.
 """
 
 import argparse
@@ -16,21 +18,22 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from funceng import dist, optim  # noqa: E402
 from funceng.evaluator import BaseMetric  # noqa: E402
 from funceng.model import BaseModel  # noqa: E402
-from funceng.runner import Hook, Runner  # noqa: E402
+from funceng.runner import ConfigError, Hook, Runner, SyncBuffersHook  # noqa: E402
 from funceng.tree import find_leaf, flatten  # noqa: E402
-from tests.runner_fixtures import Accuracy, dataset  # noqa: E402
+from tests.runner_fixtures import Accuracy, TinyNet, dataset  # noqa: E402
 
 GLOBAL_BATCH = 16
 TIMEOUT_S = 20
@@ -92,9 +95,24 @@ def last_lr(state) -> float:
     return leaves[find_leaf(template, "lr")].item()
 
 
+class SleepEachIteration(Hook):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        time.sleep(self.seconds)
+
+
 def run_runner(out: Path, args) -> None:
-    sharding = dict(model_wrapper_cfg=dict(type="MMFullyShardedDataParallel", shard_modules=[nn.Linear]))
-    runner = build_runner(out / "work", args.batch_size, args.resume_from, **(sharding if args.fsdp else {}))
+    options = {}
+    if args.fsdp:
+        options["model_wrapper_cfg"] = dict(type="MMFullyShardedDataParallel", shard_modules=[nn.Linear])
+    if args.user_loaders:  # plain DataLoaders, which the Runner must shard the way config-built ones are
+        options["train_dataloader"] = DataLoader(dataset(96), batch_size=args.batch_size, shuffle=True)
+        options["test_dataloader"] = DataLoader(dataset(45, seed=1), batch_size=4)
+    if args.sleep:
+        options["custom_hooks"] = [SleepEachIteration(args.sleep)]
+    runner = build_runner(out / "work", args.batch_size, args.resume_from, **options)
     runner.train()
     metrics = runner.test()
     record = {"rank": runner.rank, "world_size": runner.world_size, "digest": digest(runner.state),
@@ -115,6 +133,25 @@ class DieAt(Hook):
 def run_die(out: Path, args) -> None:
     runner = build_runner(out / "work", GLOBAL_BATCH // 2, custom_hooks=[DieAt(4)])
     runner.train()
+
+
+def run_buffers(out: Path, args) -> None:
+    """BatchNorm statistics after an epoch on each rank's own shard, without and with SyncBuffersHook; and a
+    user-built loader with a sampler that cannot be sharded."""
+    record = {}
+    for name, hooks in (("unsynced", []), ("synced", [SyncBuffersHook()])):
+        runner = Runner(model=TinyNet(), work_dir=out / name, train_dataloader=DataLoader(dataset(64), batch_size=8),
+                        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), train_cfg=dict(max_epochs=1),
+                        custom_hooks=hooks, default_hooks=dict(checkpoint=None), launcher="pytorch")
+        runner.train()
+        record[name] = digest(runner.state["buffers"])
+    weighted = DataLoader(dataset(64), batch_size=8, sampler=WeightedRandomSampler([1.0] * 64, 64))
+    try:
+        Runner(model=TinyNet(), work_dir=out / "weighted", train_dataloader=weighted,
+               optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), train_cfg=dict(max_epochs=1))
+    except ConfigError as exc:
+        record["refused"] = str(exc)
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
 
 
 def run_step(out: Path, args) -> None:
@@ -147,10 +184,12 @@ def run_step(out: Path, args) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["runner", "die", "step"])
+    parser.add_argument("scenario", choices=["runner", "die", "step", "buffers"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--resume-from")
     parser.add_argument("--fsdp", action="store_true", help="shard the state with FSDP2")
+    parser.add_argument("--user-loaders", action="store_true", help="pass DataLoaders instead of config dicts")
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each iteration")
     args = parser.parse_args()
-    {"runner": run_runner, "die": run_die, "step": run_step}[args.scenario](args.out, args)
+    {"runner": run_runner, "die": run_die, "step": run_step, "buffers": run_buffers}[args.scenario](args.out, args)

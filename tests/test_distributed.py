@@ -6,6 +6,7 @@ order, so weights after 12 steps agree to within 1e-5 absolute (measured: about 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -186,3 +187,67 @@ def test_full_checkpoint_resumes_sharded_on_two_ranks(runs, tmp_path):
                       "--resume-from", str(root / "single" / "work" / "iter_9"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")
+
+
+def test_user_built_data_loaders_are_sharded_like_config_built_ones(runs, tmp_path):
+    root, _, _ = runs
+    result = torchrun(2, "runner", str(tmp_path), "--batch-size", str(GLOBAL_BATCH // 2), "--user-loaders")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ranks(tmp_path, 2)[0]["digest"] == ranks(root / "two", 2)[0]["digest"]  # the same data, step by step
+    assert ranks(tmp_path, 2)[0]["metrics"] == ranks(root / "two", 2)[0]["metrics"]
+
+
+def test_sync_buffers_hook_gives_every_rank_the_mean_batchnorm_statistics(tmp_path):
+    result = torchrun(2, "buffers", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = ranks(tmp_path, 2)
+    assert rank0["unsynced"] != rank1["unsynced"]  # each rank saw its own half of the data
+    assert rank0["synced"] == rank1["synced"]
+    assert "WeightedRandomSampler" in rank0["refused"] and "DistributedSampler" in rank0["refused"]
+
+
+def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_iteration_and_resumes_exactly(runs, tmp_path):
+    root, _, _ = runs
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+               "runner", str(tmp_path / "stopped"), "--batch-size", str(GLOBAL_BATCH // 2), "--sleep", "0.5"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    for line in proc.stdout:
+        if "Epoch(train) [1][3/6]" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = line + proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0
+    (saved,) = [p for p in (tmp_path / "stopped" / "work").glob("iter_*")]
+    assert 3 <= int(saved.name.removeprefix("iter_")) < 12
+    assert f"Received SIGTERM: saved checkpoint {saved}" in output
+    result = torchrun(2, "runner", str(tmp_path / "resumed"), "--batch-size", str(GLOBAL_BATCH // 2),
+                      "--resume-from", str(saved))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ranks(tmp_path / "resumed", 2)[0]["digest"] == ranks(root / "two", 2)[0]["digest"]
+
+
+def test_launch_configuration_errors_name_the_problem(tmp_path, monkeypatch):
+    from funceng.dist import DistributedError
+    from funceng.runner import ConfigError
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="launcher='slurm' is not supported: start the script with torchrun"):
+        build_runner(tmp_path / "a", GLOBAL_BATCH, launcher="slurm")
+    with pytest.raises(DistributedError, match="needs torchrun's environment"):
+        build_runner(tmp_path / "b", GLOBAL_BATCH, launcher="pytorch")
+    with pytest.raises(ConfigError, match="MMFullyShardedDataParallel shards over several ranks"):
+        build_runner(tmp_path / "c", GLOBAL_BATCH, model_wrapper_cfg=dict(type="MMFullyShardedDataParallel"))
+    with pytest.raises(ConfigError, match="did you mean 'MMDistributedDataParallel'"):
+        build_runner(tmp_path / "d", GLOBAL_BATCH, model_wrapper_cfg=dict(type="MMDistributedDataParalel"))
+    with pytest.raises(ConfigError, match="env_cfg.dist_cfg: unknown key 'timout'"):
+        build_runner(tmp_path / "e", GLOBAL_BATCH, env_cfg=dict(dist_cfg=dict(timout=5)))
+    runner = build_runner(tmp_path / "f", GLOBAL_BATCH, auto_scale_lr=dict(enable=True))
+    with pytest.raises(ConfigError, match="auto_scale_lr: missing 'base_batch_size'"):
+        runner.train()
+
+
+def test_auto_scale_lr_scales_by_the_global_batch_on_one_rank(runs):
+    root, _, _ = runs
+    meta = json.loads((root / "single" / "work" / "iter_12" / "meta.json").read_text())
+    assert meta["extra"]["config"]["optim_wrapper"]["optimizer"]["lr"] == pytest.approx(0.1)  # 0.05 * 16 / 8

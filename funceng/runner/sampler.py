@@ -23,12 +23,15 @@ class DefaultSampler(Sampler[int]):
 
     ``round_up=True`` (training) pads the pass by repeating its first indices so every rank has the same number
     of samples, hence of steps (their collectives must pair up). ``round_up=False`` (evaluation) does not pad:
-    ranks hold ``ceil`` or ``floor`` of ``n / W`` samples and no sample is evaluated twice.
+    ranks hold ``ceil`` or ``floor`` of ``n / W`` samples and no sample is evaluated twice. ``rank`` and
+    ``world_size`` default to the process group's.
     """
 
-    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0, round_up: bool = True):
+    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0, round_up: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
         self.dataset, self.shuffle, self.seed, self.round_up = dataset, shuffle, seed, round_up
-        self.rank, self.world_size = get_rank(), get_world_size()
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
         self.epoch = 0
         n = len(dataset)
         self.total_size = math.ceil(n / self.world_size) * self.world_size if round_up else n
