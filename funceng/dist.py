@@ -15,7 +15,6 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
-
 EXIT_BARRIER_S = 10  # how long a rank that exits waits for the others to exit too
 
 
@@ -72,10 +71,11 @@ def init_distributed(backend: str | None = None, timeout: float | None = None) -
     kwargs: dict[str, Any] = {"backend": backend}
     if timeout is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=float(timeout))
-    if backend == "nccl":
+    if torch.cuda.is_available():  # one GPU per process, whatever the backend
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
-        kwargs["device_id"] = torch.device("cuda", local_rank)
+        if backend == "nccl":
+            kwargs["device_id"] = torch.device("cuda", local_rank)
     torch_dist.init_process_group(**kwargs)
     atexit.register(_shutdown)
     init_distributed()

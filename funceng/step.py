@@ -300,7 +300,7 @@ class TrainStep(_Step):
         elif self.sharded:
             _, loss, logs = _mean_across_ranks({}, loss, logs)  # the logged loss is the global batch's
         if fp16:
-            updates, finite = self._unscale(grads, s["loss_scale"])
+            updates, finite = self._unscale(grads, s["loss_scale"], across_ranks=self.sharded)
             optim.apply_if(finite, self.tx, updates, opt_state, params)
         else:
             updates, new_opt_state = self.tx.update(grads, opt_state, params)
@@ -317,12 +317,18 @@ class TrainStep(_Step):
         return metrics
 
     @staticmethod
-    def _unscale(grads: dict[str, Tensor], loss_scale: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-        """Unscales fp16 gradients, zeroes them if any is non-finite, and updates the dynamic loss scale."""
+    def _unscale(grads: dict[str, Tensor], loss_scale: dict[str, Tensor],
+                 across_ranks: bool = False) -> tuple[dict[str, Tensor], Tensor]:
+        """Unscales fp16 gradients, zeroes them if any is non-finite, and updates the dynamic loss scale.
+
+        ``across_ranks``: each rank holds a shard of the gradients, so an overflow found by any rank counts.
+        """
         scale, tracker = loss_scale["scale"], loss_scale["growth_tracker"]
         found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
         grad_list = list(grads.values())
         torch._amp_foreach_non_finite_check_and_unscale_(grad_list, found_inf, scale.double().reciprocal().float())
+        if across_ranks:
+            found_inf = dist.mean_across_ranks([found_inf])[0]
         finite = found_inf == 0
         # No foreach select exists; this runs only on fp16 skips' path and fuses into one kernel when compiled.
         clean = dict(zip(grads, [torch.where(finite, g, torch.zeros((), dtype=g.dtype)) for g in grad_list]))

@@ -5,12 +5,14 @@
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py die OUT
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py step OUT
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py buffers OUT
+    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py seed OUT
 
 ``runner`` trains `build_runner`'s run (the same one the tests run in a single process), then tests it; every
 rank writes ``OUT/rank<r>.json`` (a digest of its final state, its metrics) and rank 0 the checkpoints.
 ``die``: rank 1 exits abruptly at iteration 4; the others must fail with a clear error, not hang.
 ``step``: the bare functional API (compiled step with the gradient all-reduce inside), checked in the worker.
 ``buffers``: BatchNorm statistics per rank without and with `SyncBuffersHook`.
+``seed``: MMEngine's tutorial script (examples/cifar10_resnet50.py) as it is, under torchrun.
 """
 
 import argparse
@@ -154,12 +156,25 @@ def run_buffers(out: Path, args) -> None:
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
 
 
+def run_seed(out: Path, args) -> None:
+    """MMEngine's tutorial script, unchanged but for its imports, on tiny CIFAR-10 files in ``out/data``."""
+    import runpy
+
+    import torchvision.datasets.cifar
+
+    # Real torchvision files whose md5s differ from the published ones, which download=True would fetch again.
+    torchvision.datasets.cifar.check_integrity = lambda path, md5=None: Path(path).is_file()
+    os.chdir(out)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "cifar10_resnet50.py"), run_name="__main__")
+
+
 def run_step(out: Path, args) -> None:
     """Each rank takes its half of every global batch; the compiled data-parallel step must match one process
     stepping on the whole batch (computed here on every rank, without collectives), in one graph."""
     dist.init_distributed("gloo", TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
     from funceng import TrainState, make_train_step
+    from funceng.step import TrainStep
 
     torch.manual_seed(0)
     model, reference_model = Mlp(), Mlp()
@@ -176,15 +191,20 @@ def run_step(out: Path, args) -> None:
         reference, reference_metrics = reference_step(reference, (x, y))
     diffs = [(a - b).abs().max().item() for a, b in zip(flatten(state["params"])[1], flatten(reference["params"])[1])]
     loss_diff = abs(metrics["loss"] - reference_metrics["loss"]).item()
+    # fp16 with sharded gradients: an overflow in rank 1's shard alone must make every rank skip the step
+    shard = {"w": torch.full((3,), float("inf") if rank == 1 else 1.0)}
+    loss_scale = {"scale": torch.tensor(1024.0), "growth_tracker": torch.tensor(0, dtype=torch.int32)}
+    _, finite = TrainStep._unscale(shard, loss_scale, across_ranks=True)
     record = {"rank": rank, "max_param_diff": max(diffs), "loss_diff": loss_diff,
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()), "digest": digest(state)}
+              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()), "digest": digest(state),
+              "fp16_shard_finite": finite.item(), "fp16_scale_after_overflow": loss_scale["scale"].item()}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["runner", "die", "step", "buffers"])
+    parser.add_argument("scenario", choices=["runner", "die", "step", "buffers", "seed"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--resume-from")
@@ -192,4 +212,5 @@ if __name__ == "__main__":
     parser.add_argument("--user-loaders", action="store_true", help="pass DataLoaders instead of config dicts")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each iteration")
     args = parser.parse_args()
-    {"runner": run_runner, "die": run_die, "step": run_step, "buffers": run_buffers}[args.scenario](args.out, args)
+    scenarios = {"runner": run_runner, "die": run_die, "step": run_step, "buffers": run_buffers, "seed": run_seed}
+    scenarios[args.scenario](args.out, args)

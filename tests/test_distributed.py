@@ -6,6 +6,7 @@ order, so weights after 12 steps agree to within 1e-5 absolute (measured: about 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from funceng.checkpoint import load_state
 from funceng.tree import flatten
+from tests.cifar import write_tiny_cifar10
 from tests.dist_worker import GLOBAL_BATCH, TIMEOUT_S, build_runner
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -114,7 +116,7 @@ def test_checkpoint_from_one_rank_resumes_on_two_ranks(runs, tmp_path):
     assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")
 
 
-def test_compiled_step_averages_gradients_in_one_graph(tmp_path):
+def test_compiled_step_averages_gradients_in_one_graph_and_fp16_overflow_skips_on_every_rank(tmp_path):
     result = torchrun(2, "step", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two = ranks(tmp_path, 2)
@@ -122,6 +124,7 @@ def test_compiled_step_averages_gradients_in_one_graph(tmp_path):
     for record in two:
         assert record["max_param_diff"] < ATOL and record["loss_diff"] < ATOL
         assert record["graphs"] == 1 and record["graph_breaks"] == 0
+        assert record["fp16_shard_finite"] is False and record["fp16_scale_after_overflow"] == 512.0
 
 
 def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
@@ -251,3 +254,18 @@ def test_auto_scale_lr_scales_by_the_global_batch_on_one_rank(runs):
     root, _, _ = runs
     meta = json.loads((root / "single" / "work" / "iter_12" / "meta.json").read_text())
     assert meta["extra"]["config"]["optim_wrapper"]["optimizer"]["lr"] == pytest.approx(0.1)  # 0.05 * 16 / 8
+
+
+def test_seed_script_runs_unchanged_under_torchrun(tmp_path):
+    """MMEngine's tutorial passes no launcher: started by torchrun, the Runner joins the group on its own."""
+    write_tiny_cifar10(tmp_path / "data" / "cifar10", per_train_batch=64, test_size=40)
+    result = torchrun(2, "seed", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "Distributed launcher: pytorch" in out and "World size: 2" in out
+    epochs = re.findall(r"Epoch\(train\) \[(\d)\]\[5/5\]", out)  # 320 images, 2 ranks of batch 32: 5 steps
+    assert epochs == ["1", "2", "3", "4", "5"]
+    assert len(re.findall(r"Epoch\(val\) \[\d\]\[1/1\]    accuracy: ", out)) == 5  # 40 images, 20 per rank
+    work_dir = tmp_path / "work_dir"
+    assert {p.name for p in work_dir.iterdir() if p.name.startswith("epoch_")} == {f"epoch_{i}" for i in range(1, 6)}
+    assert len([p for p in work_dir.iterdir() if re.fullmatch(r"\d{8}_\d{6}", p.name)]) == 1

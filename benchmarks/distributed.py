@@ -1,0 +1,133 @@
+"""Data-parallel and sharded steps on N ranks: torch's DDP / FSDP2 with torch.optim vs funceng, side by side.
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/distributed.py [--windows 11] [--steps 30]
+
+Every system trains its own copy of the same model on the same per-rank batches (SGD with momentum); systems are
+interleaved window by window, each window starts and ends with a barrier, and the median window is reported by
+rank 0. "State per rank" counts the parameters and optimizer state each rank holds between steps (what sharding
+divides; gradients and communication buffers are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+import funceng
+from funceng import dist, optim
+from funceng.bench import WORKLOADS, _batches, _loss
+from funceng.sharding import fully_shard_model
+from funceng.tree import flatten
+
+LABELS = {"mlp": "mlp 64-256-256-10", "gpt": "gpt 2 layers, dim 128, context 64"}
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    return _loss(model(batch[0]), batch[1])
+
+
+def _local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def torch_system(model: nn.Module, batch, sharded: bool):
+    if sharded:
+        fully_shard_model(model)
+    else:
+        model = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def state_bytes():
+        buffers = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return _local_bytes(list(model.parameters()) + buffers)
+
+    return run, state_bytes
+
+
+def funceng_system(model: nn.Module, batch, sharded: bool, compile: bool):
+    if sharded:
+        fully_shard_model(model)
+    tx = optim.sgd(0.01, momentum=0.9)
+    holder = [funceng.TrainState.create(model, tx)]
+    step = funceng.make_train_step(model, tx, loss_fn, compile=compile)
+
+    def run():
+        holder[0], metrics = step(holder[0], batch)
+        return metrics["loss"]
+
+    def state_bytes():
+        state = holder[0]
+        return _local_bytes(flatten(state["params"])[1] + flatten(state["opt_state"])[1])
+
+    return run, state_bytes
+
+
+def measure(workload: str, windows: int, steps: int, batch_size: int) -> dict[str, tuple[float, int]]:
+    spec = WORKLOADS[workload]
+    torch.manual_seed(0)
+    base = spec.build()
+    batch = _batches(spec, batch_size)[dist.get_rank() % 4]
+    systems = {
+        "DDP + torch.optim": torch_system(copy.deepcopy(base), batch, sharded=False),
+        "funceng data-parallel, eager": funceng_system(copy.deepcopy(base), batch, sharded=False, compile=False),
+        "funceng data-parallel, compiled": funceng_system(copy.deepcopy(base), batch, sharded=False, compile=True),
+        "FSDP2 + torch.optim": torch_system(copy.deepcopy(base), batch, sharded=True),
+        "funceng FSDP2, eager": funceng_system(copy.deepcopy(base), batch, sharded=True, compile=False),
+    }
+    for run, _ in systems.values():  # warm-up, compilation included
+        for _ in range(steps):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(windows):
+        for name, (run, _) in systems.items():
+            torch_dist.barrier()
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = run()
+            loss.item()
+            torch_dist.barrier()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: (statistics.median(times[name]), state_bytes()) for name, (_, state_bytes) in systems.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=11, help="timed windows per system (median reported)")
+    parser.add_argument("--steps", type=int, default=30, help="steps per window")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
+    args = parser.parse_args()
+    dist.init_distributed()
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        print(f"torch {torch.__version__}, {dist.get_world_size()} ranks ({torch_dist.get_backend()}), "
+              f"{torch.get_num_threads()} threads per rank, batch {args.batch_size} per rank, funceng "
+              f"{funceng.__version__}")
+        print("| workload | system | step time (ms) | vs DDP | state per rank (KiB) |")
+        print("|---|---|---:|---:|---:|")
+    for workload, label in LABELS.items():
+        result = measure(workload, args.windows, args.steps, args.batch_size)
+        ddp = result["DDP + torch.optim"][0]
+        if rank0:
+            for name, (t, state_bytes) in result.items():
+                print(f"| {label} | {name} | {t * 1e3:.3f} | {t / ddp:.2f}x | {state_bytes / 1024:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
