@@ -1,6 +1,6 @@
 """Data-parallel and sharded steps on N ranks: torch's DDP / FSDP2 with torch.optim vs funceng, side by side.
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/distributed.py [--windows 11] [--steps 30]
+    torchrun --standalone --nproc_per_node=2 benchmarks/distributed.py [--windows 11] [--steps 30] [--workloads mlp]
 
 Every system trains its own copy of the same model on the same per-rank batches (SGD with momentum); systems are
 interleaved window by window, each window starts and ends with a barrier, and the median window is reported by
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=11, help="timed windows per system (median reported)")
     parser.add_argument("--steps", type=int, default=30, help="steps per window")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
+    parser.add_argument("--workloads", nargs="+", default=list(LABELS), choices=list(LABELS))
     args = parser.parse_args()
     dist.init_distributed()
     rank0 = dist.get_rank() == 0
@@ -121,7 +122,8 @@ def main() -> None:
               f"{funceng.__version__}")
         print("| workload | system | step time (ms) | vs DDP | state per rank (KiB) |")
         print("|---|---|---:|---:|---:|")
-    for workload, label in LABELS.items():
+    for workload in args.workloads:
+        label = LABELS[workload]
         result = measure(workload, args.windows, args.steps, args.batch_size)
         ddp = result["DDP + torch.optim"][0]
         if rank0:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from funceng import checkpoint as ckpt
+from funceng.dist import DistributedError
 from funceng.runner.build import ConfigError
 
 
@@ -19,7 +20,8 @@ def inspect_checkpoint(path: str, out=None) -> int:
     extra = meta.get("extra", {})
     try:
         state, _ = ckpt.load_state(path, verify=True)
-        verdict = f"all {len(meta['tensors'])} tensor files match their sha256"
+        files = sum(len(entry.get("pieces", [entry])) for entry in meta["tensors"])
+        verdict = f"all {files} tensor files match their sha256"
         status = 0
     except ckpt.CheckpointError as exc:
         state, verdict, status = None, f"CORRUPT: {exc}", 1
@@ -62,6 +64,8 @@ def _runner(args: argparse.Namespace, **overrides):
     runner_args = set(inspect.signature(Runner.__init__).parameters) - {"self"}
     apply_cfg_options(cfg, args.cfg_options or [], new_top_level=runner_args)
     cfg["work_dir"] = args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
+    if args.launcher:
+        cfg["launcher"] = args.launcher
     cfg.update(overrides)
     return Runner.from_cfg(cfg)
 
@@ -69,14 +73,16 @@ def _runner(args: argparse.Namespace, **overrides):
 def train(args: argparse.Namespace) -> int:
     runner = _runner(args, **({"resume": True} if args.resume else {}))
     runner.train()
-    _where(runner)
+    if runner.rank == 0:
+        _where(runner)
     return 0
 
 
 def test(args: argparse.Namespace) -> int:
     runner = _runner(args, load_from=args.checkpoint, resume=False)
     metrics = runner.test() if runner.test_dataloader is not None else runner.val()
-    print(json.dumps(metrics, indent=2, default=float))
+    if runner.rank == 0:
+        print(json.dumps(metrics, indent=2, default=float))
     return 0
 
 
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--work-dir", help="default: the config's work_dir, else work_dirs/<config name>")
         sub.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
                          help="override config values, e.g. train_cfg.max_epochs=3 optim_wrapper.optimizer.lr=0.1")
+        sub.add_argument("--launcher", choices=["none", "pytorch"],
+                         help="'pytorch' under torchrun (detected anyway), e.g. torchrun --nproc_per_node=4 "
+                              "-m funceng train CONFIG --launcher pytorch")
         if name == "train":
             sub.add_argument("--resume", action="store_true", help="resume from the work_dir's last checkpoint")
         else:
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.run(args)
             return 0
         return {"train": train, "test": test, "plot": plot}[args.command](args)
-    except (ckpt.CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except (ckpt.CheckpointError, ConfigError, DistributedError, FileNotFoundError) as exc:
         print(f"funceng: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,13 @@
 """The comparison suite measures real runs in worker processes and reports what it could not run."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from funceng.bench import markdown, run_suite, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_suite_times_systems_side_by_side_and_reports_skips(tmp_path):
@@ -21,3 +28,17 @@ def test_suite_times_systems_side_by_side_and_reports_skips(tmp_path):
     write_results(results_file, results, "funceng bench --quick")  # replaces its own section, once
     text = results_file.read_text()
     assert text.count("<!-- cpu -->") == 1 and "kept" in text and "Command: `funceng bench --quick`" in text
+
+
+def test_distributed_benchmark_runs_every_system_on_two_ranks():
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "benchmarks" / "distributed.py"), "--workloads", "mlp", "--windows", "1", "--steps", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| mlp")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "DDP + torch.optim", "funceng data-parallel, eager", "funceng data-parallel, compiled",
+        "FSDP2 + torch.optim", "funceng FSDP2, eager"]
+    state_kib = [float(row.split(" | ")[4].rstrip(" |")) for row in rows]
+    assert state_kib[3] == state_kib[4] == state_kib[0] / 2  # sharding halves each rank's state
