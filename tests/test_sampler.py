@@ -41,3 +41,28 @@ def test_each_epoch_has_its_own_order_and_an_epoch_replays_exactly():
     second = list(sampler)
     sampler.set_epoch(0)
     assert list(sampler) == first and second != first and sorted(second) == list(range(50))
+
+
+def test_runner_reshuffles_config_built_loaders_every_epoch_from_seed_plus_epoch(tmp_path):
+    import torch
+
+    from funceng.runner import Hook, Runner
+    from tests.runner_fixtures import TinyNet, dataset
+
+    class RecordBatches(Hook):
+        def __init__(self):
+            self.seen = []
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            self.seen.append(data_batch[0])
+
+    data, record = dataset(48), RecordBatches()
+    Runner(model=TinyNet(), work_dir=tmp_path, train_dataloader=dict(dataset=data, batch_size=16),
+           optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), train_cfg=dict(max_epochs=2),
+           randomness=dict(seed=5), custom_hooks=[record], default_hooks=dict(checkpoint=None)).train()
+    for epoch in range(2):
+        sampler = DefaultSampler(data, shuffle=True, seed=5)
+        sampler.set_epoch(epoch)
+        expected = data.tensors[0][list(sampler)]
+        assert torch.equal(torch.cat(record.seen[3 * epoch: 3 * epoch + 3]), expected)
+    assert not torch.equal(record.seen[0], record.seen[3])
