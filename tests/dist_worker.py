@@ -68,7 +68,7 @@ class LabelOrder(BaseMetric):
 def build_runner(work_dir: Path, batch_size: int, resume_from: str | None = None, **overrides) -> Runner:
     """96 training samples (6 global batches of 16 per epoch), 2 epochs, checkpoints at iterations 9 and 12;
     45 test samples in batches of 4, so neither ranks nor batches divide the test set evenly."""
-    torch.manual_seed(dist.get_rank())  # ranks build different initial weights; the Runner must broadcast rank 0's
+    torch.manual_seed(int(os.environ.get("RANK", 0)))  # ranks build different weights; the Runner must use rank 0's
     kwargs = dict(
         model=Mlp(), work_dir=work_dir,
         train_dataloader=dict(dataset=dataset(96), batch_size=batch_size, sampler=dict(type="DefaultSampler")),
