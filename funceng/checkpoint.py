@@ -105,8 +105,7 @@ def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, A
                 "file": file, "rows": [shard.start, shard.start + shard.rows],
                 "sha256": _write(tmp / file, _tensor_bytes(leaf))}]}
     if sharded:
-        gathered = [None] * dist.get_world_size()
-        torch.distributed.all_gather_object(gathered, entries)
+        gathered = dist.gather_objects(entries)
         entries = {}
         for part in gathered:
             for i, entry in part.items():

@@ -158,6 +158,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small picklable values produced by this program), in rank order."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()
@@ -172,8 +181,7 @@ def collect_results(results: list[Any], size: int) -> list[Any]:
     """
     if not is_distributed():
         return results[:size]
-    gathered: list[list[Any]] = [None] * get_world_size()  # type: ignore[list-item]
-    torch_dist.all_gather_object(gathered, results)
+    gathered = gather_objects(results)
     longest = max(len(part) for part in gathered)
     ordered = [part[i] for i in range(longest) for part in gathered if i < len(part)]
     return ordered[:size]

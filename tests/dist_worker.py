@@ -82,7 +82,7 @@ def build_runner(work_dir: Path, batch_size: int, resume_from: str | None = None
         train_cfg=dict(by_epoch=True, max_epochs=2), randomness=dict(seed=3),
         default_hooks=dict(logger=dict(interval=3), checkpoint=dict(interval=9, by_epoch=False)),
         env_cfg=dict(dist_cfg=dict(backend="gloo", timeout=TIMEOUT_S)),
-        resume=resume_from or False,
+        resume=True if resume_from == "auto" else resume_from or False,
     )
     kwargs.update(overrides)
     return Runner(**kwargs)
@@ -207,7 +207,7 @@ if __name__ == "__main__":
     parser.add_argument("scenario", choices=["runner", "die", "step", "buffers", "seed"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
-    parser.add_argument("--resume-from")
+    parser.add_argument("--resume-from", help="a checkpoint, or 'auto' for the work_dir's newest")
     parser.add_argument("--fsdp", action="store_true", help="shard the state with FSDP2")
     parser.add_argument("--user-loaders", action="store_true", help="pass DataLoaders instead of config dicts")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each iteration")

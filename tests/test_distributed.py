@@ -226,10 +226,11 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_iteration_and_resumes_
     (saved,) = [p for p in (tmp_path / "stopped" / "work").glob("iter_*")]
     assert 3 <= int(saved.name.removeprefix("iter_")) < 12
     assert f"Received SIGTERM: saved checkpoint {saved}" in output
-    result = torchrun(2, "runner", str(tmp_path / "resumed"), "--batch-size", str(GLOBAL_BATCH // 2),
-                      "--resume-from", str(saved))
+    result = torchrun(2, "runner", str(tmp_path / "stopped"), "--batch-size", str(GLOBAL_BATCH // 2),
+                      "--resume-from", "auto")  # rank 0 finds the newest checkpoint; every rank resumes it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert ranks(tmp_path / "resumed", 2)[0]["digest"] == ranks(root / "two", 2)[0]["digest"]
+    assert f"from {saved}" in result.stdout
+    assert ranks(tmp_path / "stopped", 2)[0]["digest"] == ranks(root / "two", 2)[0]["digest"]
 
 
 def test_launch_configuration_errors_name_the_problem(tmp_path, monkeypatch):

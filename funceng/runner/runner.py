@@ -631,14 +631,19 @@ class Runner:
                 return
         else:
             candidates = [Path(self.resume_from)]
+        candidates = dist.broadcast_object(candidates)  # rank 0's view of work_dir: all ranks resume the same one
         for i, path in enumerate(candidates):
             try:
                 loaded, extra = self._load(path)
-                break
+                error = None
             except ckpt.CheckpointError as exc:
-                if i + 1 == len(candidates):
-                    raise
-                self.logger.warning(f"Cannot resume from {path}: {exc}. Falling back to {candidates[i + 1]}.")
+                error = f"rank {self.rank}: {exc}" if self.world_size > 1 else str(exc)
+            failures = [e for e in dist.gather_objects(error) if e]
+            if not failures:
+                break
+            if i + 1 == len(candidates):
+                raise ckpt.CheckpointError("; ".join(failures))
+            self.logger.warning(f"Cannot resume from {path}: {failures[0]}. Falling back to {candidates[i + 1]}.")
         expected, _ = flatten(self.state)
         got, _ = flatten(loaded)
         if expected != got:
