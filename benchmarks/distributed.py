@@ -20,16 +20,14 @@ import torch.distributed as torch_dist
 from torch import nn
 
 import funceng
-from funceng import dist, optim
-from funceng.bench import WORKLOADS, _batches, _loss
+from funceng import dist
+from funceng.bench import WORKLOADS, _batches
 from funceng.sharding import fully_shard_model
 from funceng.tree import flatten
 
+from step_overhead import FuncengLoop, PlainLoop  # benchmarks/ is the script's folder, hence on sys.path
+
 LABELS = {"mlp": "mlp 64-256-256-10", "gpt": "gpt 2 layers, dim 128, context 64"}
-
-
-def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    return _loss(model(batch[0]), batch[1])
 
 
 def _local_bytes(tensors) -> int:
@@ -45,38 +43,24 @@ def torch_system(model: nn.Module, batch, sharded: bool):
         fully_shard_model(model)
     else:
         model = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        return loss
+    loop = PlainLoop(model, batch)
 
     def state_bytes():
-        buffers = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        buffers = [v for s in loop.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         return _local_bytes(list(model.parameters()) + buffers)
 
-    return run, state_bytes
+    return loop, state_bytes
 
 
 def funceng_system(model: nn.Module, batch, sharded: bool, compile: bool):
     if sharded:
         fully_shard_model(model)
-    tx = optim.sgd(0.01, momentum=0.9)
-    holder = [funceng.TrainState.create(model, tx)]
-    step = funceng.make_train_step(model, tx, loss_fn, compile=compile)
-
-    def run():
-        holder[0], metrics = step(holder[0], batch)
-        return metrics["loss"]
+    loop = FuncengLoop(model, batch, compile)
 
     def state_bytes():
-        state = holder[0]
-        return _local_bytes(flatten(state["params"])[1] + flatten(state["opt_state"])[1])
+        return _local_bytes(flatten(loop.state["params"])[1] + flatten(loop.state["opt_state"])[1])
 
-    return run, state_bytes
+    return loop, state_bytes
 
 
 def measure(workload: str, windows: int, steps: int, batch_size: int) -> dict[str, tuple[float, int]]:

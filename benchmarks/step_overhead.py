@@ -27,30 +27,33 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return _loss(model(batch[0]), batch[1])
 
 
-def plain_loop(model: nn.Module, batch):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+class PlainLoop:
+    """One eager ``torch.optim`` step (SGD with momentum) per call; returns the loss."""
 
-    def run():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
+    def __init__(self, model: nn.Module, batch):
+        self.model, self.batch = model, batch
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def __call__(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(self.model, self.batch)
         loss.backward()
-        opt.step()
+        self.optimizer.step()
         return loss
 
-    return run
 
+class FuncengLoop:
+    """One funceng train step (SGD with momentum) per call, threading ``self.state``; returns the loss."""
 
-def funceng_loop(model: nn.Module, batch, compile: bool):
-    tx = optim.sgd(0.01, momentum=0.9)
-    state = funceng.TrainState.create(model, tx)
-    step = funceng.make_train_step(model, tx, loss_fn, compile=compile)
-    holder = [state]
+    def __init__(self, model: nn.Module, batch, compile: bool):
+        tx = optim.sgd(0.01, momentum=0.9)
+        self.batch = batch
+        self.state = funceng.TrainState.create(model, tx)
+        self.step = funceng.make_train_step(model, tx, loss_fn, compile=compile)
 
-    def run():
-        holder[0], metrics = step(holder[0], batch)
+    def __call__(self) -> torch.Tensor:
+        self.state, metrics = self.step(self.state, self.batch)
         return metrics["loss"]
-
-    return run
 
 
 def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
@@ -59,9 +62,9 @@ def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
     base = spec.build()
     batch = _batches(spec, spec.batch_size)[0]
     systems = {
-        "plain eager torch.optim": plain_loop(copy.deepcopy(base), batch),
-        "funceng eager": funceng_loop(copy.deepcopy(base), batch, compile=False),
-        "funceng compiled": funceng_loop(copy.deepcopy(base), batch, compile=True),
+        "plain eager torch.optim": PlainLoop(copy.deepcopy(base), batch),
+        "funceng eager": FuncengLoop(copy.deepcopy(base), batch, compile=False),
+        "funceng compiled": FuncengLoop(copy.deepcopy(base), batch, compile=True),
     }
     for run in systems.values():  # warm-up, compilation included
         for _ in range(steps):
