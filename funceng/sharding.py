@@ -60,6 +60,17 @@ def local_params(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().to_local() for name, p in model.named_parameters()}
 
 
+def check_shares_storage(model: nn.Module, params: list[Tensor]) -> None:
+    """Raises unless ``params`` are the storage of the sharded ``model``'s parameters, in order: a sharded
+    model computes with its own parameters, so a copy of its state would silently not be trained."""
+    for (name, param), leaf in zip(model.named_parameters(), params, strict=True):
+        if leaf.untyped_storage().data_ptr() != param.to_local().untyped_storage().data_ptr():
+            raise ValueError(
+                f"state params[{name!r}] is not the storage of the sharded model's parameter: use the state that "
+                "TrainState.create(model, tx) returned (steps update it in place; load a checkpoint into it with "
+                "state.update_(loaded)), not a copy")
+
+
 @dataclass(frozen=True)
 class RowShard:
     """Rows ``[start, start + rows)`` of a full tensor of shape ``shape``."""

@@ -201,6 +201,7 @@ class _Step:
         self.device_type = next(model.parameters()).device.type
         self._layout: _Layout | None = None
         self._binding: ModuleBinding | None = None
+        self._checked_leaves: list[Tensor] | None = None
         self._fn = torch.compile(fn, **self.compile_options) if self.compiled else fn
 
     def _layout_for(self, state: TrainState) -> _Layout:
@@ -208,6 +209,15 @@ class _Step:
             self._layout = _Layout(state)
             self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
         return self._layout
+
+    def _check_sharded(self, leaves: list[Tensor]) -> None:
+        """A sharded model ignores the state's params unless they are its own storage: check once per state."""
+        if self.sharded and leaves is not self._checked_leaves:
+            from funceng.sharding import check_shares_storage
+
+            layout = self._layout
+            check_shares_storage(self.model, [leaves[layout.template["params"][name]] for name in layout.param_names])
+            self._checked_leaves = leaves
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -239,6 +249,7 @@ class TrainStep(_Step):
         if not self.donate:
             state = state.clone()
         leaves = layout.leaves(state)
+        self._check_sharded(leaves)
         if self.compiled and self.compile_options.get("mode") in ("reduce-overhead", "max-autotune"):
             _mark_static(leaves)
         if not self.model.training:
@@ -360,6 +371,7 @@ class EvalStep(_Step):
         check_state(state)
         layout = self._layout_for(state)
         leaves = layout.leaves(state)
+        self._check_sharded(leaves)
         if self.model.training:
             self.model.eval()
         s = layout.unflatten(leaves)

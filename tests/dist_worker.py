@@ -117,9 +117,20 @@ def run_runner(out: Path, args) -> None:
     runner = build_runner(out / "work", args.batch_size, args.resume_from, **options)
     runner.train()
     metrics = runner.test()
+    refusals = {}
+    if args.fsdp:  # what a sharded model cannot do: compile the whole step, or train a copy of its state
+        from funceng import make_train_step
+
+        for name, attempt in (("compile", lambda: make_train_step(runner.model, runner.tx, compile=True)),
+                              ("copy", lambda: runner._train_step(runner.state.clone(), next(iter(
+                                  runner.train_dataloader))))):
+            try:
+                attempt()
+            except ValueError as exc:
+                refusals[name] = str(exc)
     record = {"rank": runner.rank, "world_size": runner.world_size, "digest": digest(runner.state),
               "metrics": metrics, "lr": last_lr(runner.state), "iter": runner.iter,
-              "param_elements": sum(p.numel() for p in runner.state["params"].values())}
+              "param_elements": sum(p.numel() for p in runner.state["params"].values()), "refusals": refusals}
     (out / f"rank{runner.rank}.json").write_text(json.dumps(record))
 
 

@@ -171,6 +171,9 @@ def test_sharded_state_holds_each_parameter_once_across_ranks(sharded):
     meta = json.loads((sharded / "work" / "iter_12" / "meta.json").read_text())
     pieces = [e["pieces"] for e in meta["tensors"] if "pieces" in e]
     assert pieces and all(len(p) == 2 for p in pieces)  # every sharded leaf written as one piece per rank
+    refusals = two[0]["refusals"]
+    assert "runs its step eagerly" in refusals["compile"]
+    assert "params['net.0.weight'] is not the storage of the sharded model's parameter" in refusals["copy"]
 
 
 def test_sharded_training_matches_one_rank_with_the_full_batch(runs, sharded):
