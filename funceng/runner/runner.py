@@ -485,7 +485,7 @@ class Runner:
         except RuntimeError as exc:
             if self.world_size > 1 and dist.is_collective_failure(exc):
                 raise dist.DistributedError(
-                    f"rank {self.rank}: the gradient all-reduce failed at iteration {self.iter + 1} "
+                    f"rank {self.rank}: a collective of the train step failed at iteration {self.iter + 1} "
                     f"({self.describe_iter(self.iter + 1)}): another rank died or stopped responding (see its "
                     f"log; collectives time out after env_cfg.dist_cfg.timeout). {type(exc).__name__}: {exc}"
                 ) from exc
