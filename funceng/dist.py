@@ -109,6 +109,11 @@ def _buckets(tensors: list[Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
+def _group_for(device: torch.device) -> Any:
+    """The process group that can carry tensors on ``device``: gloo for CPU tensors, the default group else."""
+    return _cpu_group if device.type == "cpu" and _cpu_group is not None else torch_dist.group.WORLD
+
+
 def mean_across_ranks(tensors: list[Tensor]) -> list[Tensor]:
     """Every tensor averaged over the ranks, as new tensors: ``x <- (1/W) sum_r x_r``.
 
@@ -121,9 +126,9 @@ def mean_across_ranks(tensors: list[Tensor]) -> list[Tensor]:
 
     world = get_world_size()
     out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for indices in _buckets(tensors).values():
+    for (_, device), indices in _buckets(tensors).items():
         flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        flat = funcol.all_reduce(flat, "sum", torch_dist.group.WORLD) / world
+        flat = funcol.all_reduce(flat, "sum", _group_for(device)) / world
         pieces = torch.split(flat, [tensors[i].numel() for i in indices])
         for i, piece in zip(indices, pieces):
             out[i] = piece.view(tensors[i].shape)
@@ -142,9 +147,9 @@ def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
     """Overwrites ``tensors`` on every rank with rank ``src``'s values (one collective per dtype)."""
     if not is_distributed() or get_world_size() == 1 or not tensors:
         return
-    for indices in _buckets(tensors).values():
+    for (_, device), indices in _buckets(tensors).items():
         flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        torch_dist.broadcast(flat, src)
+        torch_dist.broadcast(flat, src, group=_group_for(device))
         for i, piece in zip(indices, torch.split(flat, [tensors[i].numel() for i in indices])):
             tensors[i].copy_(piece.view(tensors[i].shape))
 

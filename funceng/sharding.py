@@ -15,18 +15,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from funceng import dist, tree
 
 
 def fully_shard_model(model: nn.Module, shard_modules: Callable[[nn.Module], bool] | tuple[type, ...] | None = None,
-                      ) -> nn.Module:
+                      device: torch.device | None = None) -> nn.Module:
     """Applies FSDP2's ``fully_shard`` to the chosen submodules, then to ``model``, over all ranks (in place).
 
     Each chosen submodule is one unit whose full parameters exist only during its own forward and backward.
     ``shard_modules``: module classes or a predicate; default: the model's direct children that have parameters.
     The model is first made identical on all ranks (rank 0's weights), as data-parallel training requires.
+    ``device`` (default: where the parameters are): build the model on the CPU and pass the GPU here, and FSDP2
+    moves each unit there as it shards it, so the whole model never sits on one GPU.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -34,8 +37,10 @@ def fully_shard_model(model: nn.Module, shard_modules: Callable[[nn.Module], boo
     if not dist.is_distributed():
         raise dist.DistributedError("fully_shard_model needs torch.distributed to be running (start with torchrun)")
     dist.broadcast_([p.detach() for p in model.parameters()] + list(model.buffers()))
-    device_type = next(model.parameters()).device.type
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    device = device or next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if shard_modules is None:
         units = [m for m in model.children() if any(True for _ in m.parameters())]
     else:

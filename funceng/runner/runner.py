@@ -165,13 +165,14 @@ class Runner:
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        self.model = model.to(self.device)
         wrapper = build.check_model_wrapper_cfg(model_wrapper_cfg)
         if wrapper["type"] == "MMFullyShardedDataParallel":
             if self.world_size == 1:
                 raise ConfigError("model_wrapper_cfg: MMFullyShardedDataParallel shards over several ranks; start "
                                   "with torchrun --nproc_per_node=N and launcher='pytorch'")
-            fully_shard_model(self.model, tuple(wrapper.get("shard_modules", ())) or None)
+            # sharded where it is built (the CPU, say); FSDP2 moves each unit's shard to the device
+            fully_shard_model(model, tuple(wrapper.get("shard_modules", ())) or None, device=self.device)
+        self.model = model.to(self.device)
         self.sharded = is_sharded(self.model)
         self.hooks: list[Hook] = []
         self._register_hooks(default_hooks or {}, custom_hooks or [])
