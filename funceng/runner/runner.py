@@ -625,14 +625,13 @@ class Runner:
         return samples // per_step
 
     def _resume(self) -> None:
-        if self.resume_from is True:
-            candidates = self._resume_candidates()
+        if self.resume_from is True:  # rank 0's view of work_dir: all ranks resume the same checkpoint
+            candidates = dist.broadcast_object(self._resume_candidates() if self.rank == 0 else None)
             if not candidates:
                 self.logger.info("resume=True but work_dir has no checkpoint: training from scratch.")
                 return
         else:
             candidates = [Path(self.resume_from)]
-        candidates = dist.broadcast_object(candidates)  # rank 0's view of work_dir: all ranks resume the same one
         for i, path in enumerate(candidates):
             try:
                 loaded, extra = self._load(path)
