@@ -94,7 +94,7 @@ def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, A
     entries: dict[int, dict[str, Any]] = {}
     for i, leaf in enumerate(leaves):
         shard = (shards or {}).get(i) if sharded else None
-        if shard is None:
+        if shard is None or shard.shape[0] == 0:  # unsharded (or empty: no rank holds a row of it)
             if writer:
                 file = f"tensors/{i}.bin"
                 entries[i] = {"file": file, "dtype": _dtype_name(leaf), "shape": list(leaf.shape),
