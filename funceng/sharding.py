@@ -20,13 +20,16 @@ from torch import Tensor, nn
 
 from funceng import dist, tree
 
+ModuleChoice = Callable[[nn.Module], bool] | type | tuple[type, ...]
 
-def fully_shard_model(model: nn.Module, shard_modules: Callable[[nn.Module], bool] | tuple[type, ...] | None = None,
+
+def fully_shard_model(model: nn.Module, shard_modules: ModuleChoice | None = None,
                       device: torch.device | None = None) -> nn.Module:
     """Applies FSDP2's ``fully_shard`` to the chosen submodules, then to ``model``, over all ranks (in place).
 
     Each chosen submodule is one unit whose full parameters exist only during its own forward and backward.
-    ``shard_modules``: module classes or a predicate; default: the model's direct children that have parameters.
+    ``shard_modules``: a module class, several, or a predicate; default: the model's direct children that have
+    parameters.
     The model is first made identical on all ranks (rank 0's weights), as data-parallel training requires.
     ``device`` (default: where the parameters are): build the model on the CPU and pass the GPU here, and FSDP2
     moves each unit there as it shards it, so the whole model never sits on one GPU.
@@ -37,16 +40,14 @@ def fully_shard_model(model: nn.Module, shard_modules: Callable[[nn.Module], boo
     if not dist.is_distributed():
         raise dist.DistributedError("fully_shard_model needs torch.distributed to be running (start with torchrun)")
     dist.broadcast_([p.detach() for p in model.parameters()] + list(model.buffers()))
-    device = device or next(model.parameters()).device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh((device or next(model.parameters()).device).type, (dist.get_world_size(),))
     if shard_modules is None:
         units = [m for m in model.children() if any(True for _ in m.parameters())]
     else:
-        chosen = shard_modules if callable(shard_modules) and not isinstance(shard_modules, tuple) else (
-            lambda m: isinstance(m, shard_modules))
-        units = [m for m in model.modules() if m is not model and chosen(m)]
+        if isinstance(shard_modules, (type, tuple, list)):
+            classes = (shard_modules,) if isinstance(shard_modules, type) else tuple(shard_modules)
+            shard_modules = lambda m: isinstance(m, classes)  # noqa: E731
+        units = [m for m in model.modules() if m is not model and shard_modules(m)]
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
