@@ -93,7 +93,7 @@ def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, A
     structure, leaves = tree.flatten(state)
     entries: dict[int, dict[str, Any]] = {}
     for i, leaf in enumerate(leaves):
-        shard = (shards or {}).get(i) if sharded else None
+        shard = shards.get(i) if sharded else None
         if shard is None or shard.shape[0] == 0:  # unsharded (or empty: no rank holds a row of it)
             if writer:
                 file = f"tensors/{i}.bin"
