@@ -6,6 +6,7 @@ step, calls hooks at MMEngine's stages, and feeds eval outputs to the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -481,16 +482,9 @@ class Runner:
 
     def _run_train_iter(self, batch_idx: int, batch: Any) -> None:
         self.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
-        try:
+        with self._naming_collective_failures(
+                f"the train step at iteration {self.iter + 1} ({self.describe_iter(self.iter + 1)})"):
             self.state, metrics = self._train_step(self.state, _to_device(batch, self.device))
-        except RuntimeError as exc:
-            if self.world_size > 1 and dist.is_collective_failure(exc):
-                raise dist.DistributedError(
-                    f"rank {self.rank}: a collective of the train step failed at iteration {self.iter + 1} "
-                    f"({self.describe_iter(self.iter + 1)}): another rank died or stopped responding (see its "
-                    f"log; collectives time out after env_cfg.dist_cfg.timeout). {type(exc).__name__}: {exc}"
-                ) from exc
-            raise
         self.iter += 1
         self._batches_done = batch_idx + 1
         self._end_iter_timer()
@@ -522,12 +516,26 @@ class Runner:
                 evaluator.process(data_samples=outputs, data_batch=batch)
                 self._end_iter_timer()
                 self.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
-        metrics = evaluator.evaluate(len(loader.dataset) if hasattr(loader, "dataset") else len(loader))
+        with self._naming_collective_failures(f"gathering the {mode} results"):
+            metrics = evaluator.evaluate(len(loader.dataset) if hasattr(loader, "dataset") else len(loader))
         self.last_metrics = metrics
         self.call_hook(f"after_{mode}_epoch", metrics=metrics)
         self.call_hook(f"after_{mode}")
         self._sync_model()
         return metrics
+
+    @contextlib.contextmanager
+    def _naming_collective_failures(self, during: str):
+        """Turns a failed collective (a rank died or hung) into a `DistributedError` saying where it happened."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if self.world_size > 1 and dist.is_collective_failure(exc):
+                raise dist.DistributedError(
+                    f"rank {self.rank}: a collective failed during {during}: another rank died or stopped "
+                    f"responding (see its log; collectives time out after env_cfg.dist_cfg.timeout). "
+                    f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     def _sync_model(self) -> None:
         """Points the model at the current state's weights (compiled steps do not bind it)."""
