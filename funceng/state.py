@@ -24,6 +24,7 @@ from torch import nn
 
 from funceng.binding import ModuleBinding
 from funceng.optim import GradientTransformation
+from funceng.sharding import is_sharded, local_params
 
 DEFAULT_LOSS_SCALE = 2.0**16
 REQUIRED_KEYS = ("params", "buffers", "opt_state", "step", "loss_scale", "rng")
@@ -60,8 +61,6 @@ class TrainState(TensorDict):
         state's tensors, so the two share storage and no second copy of the weights stays alive. For a model
         sharded with `funceng.sharding.fully_shard_model` the state holds this rank's rows of each parameter.
         """
-        from funceng.sharding import is_sharded, local_params
-
         sharded = is_sharded(model)
         if sharded:  # this rank's rows, the very storage of the model's sharded parameters (see funceng.sharding)
             params, buffers = local_params(model), dict(model.named_buffers())

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from funceng import dist, optim, tree
 from funceng.binding import ModuleBinding
+from funceng.sharding import check_shares_storage, is_sharded
 from funceng.state import TrainState, check_state, successor
 
 LossFn = Callable[[nn.Module, Any], Any]
@@ -183,8 +184,6 @@ class _Step:
     are built from the first state seen."""
 
     def __init__(self, model: nn.Module, fn, compile, amp, dynamic_batch: bool):
-        from funceng.sharding import is_sharded
-
         self.model = model
         self.sharded = is_sharded(model)
         if self.sharded and compile == "auto":
@@ -213,8 +212,6 @@ class _Step:
     def _check_sharded(self, leaves: list[Tensor]) -> None:
         """A sharded model ignores the state's params unless they are its own storage: check once per state."""
         if self.sharded and leaves is not self._checked_leaves:
-            from funceng.sharding import check_shares_storage
-
             layout = self._layout
             check_shares_storage(self.model, [leaves[layout.template["params"][name]] for name in layout.param_names])
             self._checked_leaves = leaves

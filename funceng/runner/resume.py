@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from funceng.runner.sampler import loading_options
+
 
 def _encode(t: torch.Tensor) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode()
@@ -98,15 +100,8 @@ def resume_position(loader: Any, skip: int, epoch_start: dict, saved: dict) -> t
     """
     restore_rng(epoch_start, loader)
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None and skip > 0:
-        kwargs = dict(
-            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-            multiprocessing_context=loader.multiprocessing_context, persistent_workers=loader.persistent_workers,
-        )
-        if loader.num_workers > 0:
-            kwargs["prefetch_factor"] = loader.prefetch_factor
         sampler = _SkipBatches(loader.batch_sampler, skip, lambda: restore_rng(saved, loader))
-        return DataLoader(loader.dataset, batch_sampler=sampler, **kwargs), "sampler"
+        return DataLoader(loader.dataset, batch_sampler=sampler, **loading_options(loader)), "sampler"
 
     def reread():
         batches = iter(loader)

@@ -78,12 +78,17 @@ def shard_loader(loader: object, name: str, seed: int, train: bool) -> object:
         )
     shuffle = isinstance(loader.sampler, RandomSampler)
     sampler = DefaultSampler(loader.dataset, shuffle=shuffle and train, seed=seed, round_up=train)
-    kwargs = dict(
-        batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-        persistent_workers=loader.persistent_workers,
+    return DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                      **loading_options(loader))
+
+
+def loading_options(loader: DataLoader) -> dict:
+    """How ``loader`` loads (workers, collation, pinning, ...), to rebuild it around another sampler."""
+    options = dict(
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        multiprocessing_context=loader.multiprocessing_context, persistent_workers=loader.persistent_workers,
     )
     if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(loader.dataset, sampler=sampler, **kwargs)
+        options["prefetch_factor"] = loader.prefetch_factor
+    return options
