@@ -18,10 +18,10 @@ import time
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+from workloads import WORKLOADS, make_batches
 
 import funceng
 from funceng import dist
-from funceng.bench import WORKLOADS, _batches
 from funceng.sharding import fully_shard_model
 from funceng.tree import flatten
 
@@ -67,7 +67,7 @@ def measure(workload: str, windows: int, steps: int, batch_size: int) -> dict[st
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
     base = spec.build()
-    batch = _batches(spec, batch_size)[dist.get_rank() % 4]
+    batch = make_batches(spec, batch_size)[dist.get_rank() % 4]
     systems = {
         "DDP + torch.optim": torch_system(copy.deepcopy(base), batch, sharded=False),
         "funceng data-parallel, eager": funceng_system(copy.deepcopy(base), batch, sharded=False, compile=False),

@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 
-from funceng.bench import WORKLOADS, _batches, _loss
+from workloads import WORKLOADS, make_batches, workload_loss
 
 
 def _live_tensor_bytes() -> int:
@@ -58,9 +58,9 @@ def _worker(workload: str, optimizer: str, system: str) -> None:
 
     torch.manual_seed(0)
     spec = WORKLOADS[workload]
-    batch = _batches(spec, spec.batch_size)[0]
+    batch = make_batches(spec, spec.batch_size)[0]
     model = spec.build()
-    loss_fn = lambda m, b: _loss(m(b[0]), b[1])  # noqa: E731
+    loss_fn = lambda m, b: workload_loss(m(b[0]), b[1])  # noqa: E731
     if system == "torch.optim eager":
         opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if optimizer == "sgd"
                else torch.optim.AdamW(model.parameters(), lr=1e-3))

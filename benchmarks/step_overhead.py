@@ -14,17 +14,17 @@ import time
 
 import torch
 from torch import nn
+from workloads import WORKLOADS, make_batches, workload_loss
 
 import funceng
 from funceng import optim
-from funceng.bench import WORKLOADS, _batches, _loss
 
 # The comparison suite's models, as labelled in the table.
 LABELS = {"mlp": "mlp 64-256-256-10, batch 128", "cnn": "small cnn 32x32, batch 32"}
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    return _loss(model(batch[0]), batch[1])
+    return workload_loss(model(batch[0]), batch[1])
 
 
 class PlainLoop:
@@ -60,7 +60,7 @@ def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
     base = spec.build()
-    batch = _batches(spec, spec.batch_size)[0]
+    batch = make_batches(spec, spec.batch_size)[0]
     systems = {
         "plain eager torch.optim": PlainLoop(copy.deepcopy(base), batch),
         "funceng eager": FuncengLoop(copy.deepcopy(base), batch, compile=False),

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from funceng import dist, tree
+from funceng import dist, fileio, tree
+from funceng.errors import CheckpointError
 from funceng.sharding import ShardLayout
 from funceng.state import TrainState
+from funceng.version import __version__
 
 FORMAT = "funceng.checkpoint/1"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -39,26 +41,6 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int8, torch.uint8, torch.bool,
 )}
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream; a zip archive (torch.save)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or not a funceng checkpoint; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -98,12 +80,12 @@ def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, A
             if writer:
                 file = f"tensors/{i}.bin"
                 entries[i] = {"file": file, "dtype": _dtype_name(leaf), "shape": list(leaf.shape),
-                              "sha256": _write(tmp / file, _tensor_bytes(leaf))}
+                              "sha256": fileio.write_durably(tmp / file, _tensor_bytes(leaf))}
         elif shard.rows:
             file = f"tensors/{i}.{shard.start}.bin"
             entries[i] = {"dtype": _dtype_name(leaf), "shape": list(shard.shape), "pieces": [{
                 "file": file, "rows": [shard.start, shard.start + shard.rows],
-                "sha256": _write(tmp / file, _tensor_bytes(leaf))}]}
+                "sha256": fileio.write_durably(tmp / file, _tensor_bytes(leaf))}]}
     if sharded:
         gathered = dist.gather_objects(entries)
         entries = {}
@@ -124,14 +106,14 @@ def _publish(tmp: Path, path: Path, structure: Any, entries: list[dict], extra: 
     """Writes the manifest into the complete temporary directory, then renames it to ``path``."""
     meta = {
         "format": FORMAT,
-        "versions": {"funceng": _version(), "torch": torch.__version__},
+        "versions": {"funceng": __version__, "torch": torch.__version__},
         "structure": structure,
         "tensors": entries,
         "extra": extra or {},
     }
-    _write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-    _fsync_dir(tmp / "tensors")
-    _fsync_dir(tmp)
+    fileio.write_durably(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    fileio.fsync_dir(tmp / "tensors")
+    fileio.fsync_dir(tmp)
     if path.exists():  # replace: move the old one aside first so the rename below is atomic
         trash = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.rename(path, trash)
@@ -139,13 +121,7 @@ def _publish(tmp: Path, path: Path, structure: Any, entries: list[dict], extra: 
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _version() -> str:
-    from funceng import __version__
-
-    return __version__
+    fileio.fsync_dir(path.parent)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from funceng import checkpoint as ckpt
-from funceng.dist import DistributedError
-from funceng.runner.build import ConfigError
+from funceng import tree
+from funceng.errors import CheckpointError, ConfigError, DistributedError
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # in a source checkout
 
 
 def inspect_checkpoint(path: str, out=None) -> int:
@@ -23,7 +25,7 @@ def inspect_checkpoint(path: str, out=None) -> int:
         files = sum(len(entry.get("pieces", [entry])) for entry in meta["tensors"])
         verdict = f"all {files} tensor files match their sha256"
         status = 0
-    except ckpt.CheckpointError as exc:
+    except CheckpointError as exc:
         state, verdict, status = None, f"CORRUPT: {exc}", 1
     print(f"checkpoint: {path}", file=out)
     print(f"format: {meta['format']}  written by funceng {meta['versions']['funceng']}, "
@@ -32,28 +34,13 @@ def inspect_checkpoint(path: str, out=None) -> int:
     print(f"step: {step}  epoch: {extra.get('epoch')}  iter: {extra.get('iter')}  "
           f"batch in epoch: {extra.get('batch')}  seed: {extra.get('seed')}", file=out)
     print("tensors:", file=out)
-    for name, entry in zip(_leaf_names(meta["structure"]), meta["tensors"]):
+    for name, entry in zip(tree.leaf_paths(meta["structure"]), meta["tensors"]):
         print(f"  {name:<60} {str(tuple(entry['shape'])):<20} {entry['dtype']}", file=out)
     shown = {k: v for k, v in extra.items() if k not in ("rng", "rng_epoch_start")}
     print("metadata:", file=out)
     print("  " + json.dumps(shown, indent=2, sort_keys=True).replace("\n", "\n  "), file=out)
     print(f"checksums: {verdict}", file=out)
     return status
-
-
-def _leaf_names(structure) -> list[str]:
-    """Slash-separated key paths of a checkpoint's leaves, in leaf order."""
-    names: dict[int, str] = {}
-
-    def walk(node, path):
-        if isinstance(node, int):
-            names[node] = path
-        else:
-            for key, value in node.items():
-                walk(value, f"{path}/{key}" if path else key)
-
-    walk(structure, "")
-    return [names[i] for i in sorted(names)]
 
 
 def _runner(args: argparse.Namespace, **overrides):
@@ -102,9 +89,21 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from funceng import bench
+def bench(argv: list[str]) -> int:
+    """Runs the comparison suite of a source checkout's ``benchmarks/`` (imported only now)."""
+    if not (BENCHMARKS / "compare.py").is_file():
+        print(f"funceng bench: the benchmark suite is not here ({BENCHMARKS}/compare.py): it lives in the "
+              "repository's benchmarks/ folder, not in the installed package; run it from a source checkout",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(BENCHMARKS))
+    import compare
 
+    compare.main(argv, prog="funceng bench")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="funceng", description="funceng: a functional training engine on PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("train", "train from a config file"), ("test", "evaluate a checkpoint")):
@@ -125,17 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     plot_cmd = commands.add_parser("plot", help="render loss, lr and metric curves of a work_dir to PNG")
     plot_cmd.add_argument("work_dir")
     plot_cmd.add_argument("--out", help="output folder (default: <run>/plots)")
-    bench.add_arguments(commands.add_parser("bench", help="compare training speed, compile time and memory with "
-                                                          "PyTorch loops, MMEngine and Lightning"))
+    commands.add_parser("bench", add_help=False, help="compare training speed, compile time and memory with PyTorch "
+                        "loops, MMEngine and Lightning (`funceng bench --help` lists its options)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options are the suite's own, parsed by it
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             return inspect_checkpoint(args.checkpoint)
-        if args.command == "bench":
-            bench.run(args)
-            return 0
         return {"train": train, "test": test, "plot": plot}[args.command](args)
-    except (ckpt.CheckpointError, ConfigError, DistributedError, FileNotFoundError) as exc:
+    except (CheckpointError, ConfigError, DistributedError, FileNotFoundError) as exc:
         print(f"funceng: {exc}", file=sys.stderr)
         return 2
 

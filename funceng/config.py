@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from funceng.runner.build import ConfigError
+from funceng.errors import ConfigError
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -7,19 +7,19 @@ Everything here is a no-op in a single process, so code written for one device r
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
 
+from funceng.errors import DistributedError
+
 EXIT_BARRIER_S = 10  # how long a rank that exits waits for the others to exit too
-
-
-class DistributedError(RuntimeError):
-    """A collective failed (a rank died, hung past the timeout, or the process group could not start)."""
 
 
 def is_distributed() -> bool:
@@ -99,6 +99,20 @@ def is_collective_failure(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
         marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed", "imed out"))
+
+
+@contextlib.contextmanager
+def naming_collective_failures(during: str) -> Iterator[None]:
+    """Turns a failed collective (a rank died or hung) into a `DistributedError` saying where it happened."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if get_world_size() > 1 and is_collective_failure(exc):
+            raise DistributedError(
+                f"rank {get_rank()}: a collective failed during {during}: another rank died or stopped "
+                f"responding (see its log; collectives time out after env_cfg.dist_cfg.timeout). "
+                f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 def _buckets(tensors: list[Tensor]) -> dict[tuple, list[int]]:

@@ -9,24 +9,31 @@ from typing import Any
 import torch
 
 from funceng.dist import collect_results
+from funceng.errors import ConfigError
+from funceng.registry import Registry
+
+METRICS = Registry("metric")
 
 
 class BaseMetric(metaclass=ABCMeta):
     """Accumulates per-batch results in ``self.results`` (``process``) and reduces them (``compute_metrics``).
 
     ``compute_metrics`` receives every rank's results in distributed runs. ``prefix`` is prepended to the
-    metric names as ``"prefix/name"``.
+    metric names as ``"prefix/name"``. Every subclass is registered under its class name, so a config may name
+    it as ``type="Accuracy"`` (two metrics of the same name make that name ambiguous: pass the class).
+    ``collect_device`` and ``collect_dir`` are accepted for MMEngine compatibility and have no effect (results
+    are gathered in memory over the CPU process group); the Runner logs them as ignored
+    (`funceng.runner.compat`).
     """
 
     default_prefix: str | None = None
-    registry: dict[str, type[BaseMetric]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        BaseMetric.registry[cls.__name__] = cls  # so configs may name a metric as type="Accuracy"
+        METRICS.register(cls, implicit=True)
 
     def __init__(self, collect_device: str = "cpu", prefix: str | None = None, collect_dir: str | None = None):
-        self.collect_device = collect_device
+        self.collect_device, self.collect_dir = collect_device, collect_dir
         self.prefix = prefix or self.default_prefix
         self.results: list[Any] = []
 
@@ -63,12 +70,10 @@ def _scalar(value: Any) -> Any:
 class Evaluator:
     """Runs several metrics over the same predictions; their metric names must not collide."""
 
-    def __init__(self, metrics: BaseMetric | dict | Sequence[BaseMetric | dict]):
-        from funceng.runner.build import build_metric
-
+    def __init__(self, metrics: BaseMetric | dict | Sequence[BaseMetric | dict], where: str = "evaluator"):
         if isinstance(metrics, (BaseMetric, dict)):
             metrics = [metrics]
-        self.metrics = [build_metric(m) for m in metrics]
+        self.metrics = [build_metric(m, f"{where}[{i}]") for i, m in enumerate(metrics)]
 
     def process(self, data_samples: Any, data_batch: Any = None) -> None:
         for metric in self.metrics:
@@ -85,3 +90,26 @@ class Evaluator:
                     )
                 merged[name] = value
         return merged
+
+
+def build_metric(cfg: BaseMetric | dict, where: str = "evaluator") -> BaseMetric:
+    """A metric object, or one built from ``dict(type=MetricClass or its name, **kwargs)``."""
+    if isinstance(cfg, BaseMetric):
+        return cfg
+    metric = METRICS.build(cfg, where)
+    if not isinstance(metric, BaseMetric):
+        raise ConfigError(f"{where}: {type(metric).__name__} is not a BaseMetric subclass")
+    return metric
+
+
+def metric_rule(name: str, rule: str | None = None) -> str:
+    """Whether a higher (``"greater"``) or lower (``"less"``) value of metric ``name`` is better: ``rule`` if
+    given, else ``"less"`` for names containing ``"loss"`` and ``"greater"`` for every other name."""
+    if rule not in (None, "greater", "less"):
+        raise ConfigError(f"rule for {name!r} must be 'greater' or 'less', got {rule!r}")
+    return rule or ("less" if "loss" in name else "greater")
+
+
+def improvement(value: float, best: float, rule: str) -> float:
+    """How much better ``value`` is than ``best`` under ``rule`` (negative when worse)."""
+    return value - best if rule == "greater" else best - value

@@ -6,7 +6,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from funceng.step import parse_loss
+from funceng.errors import ConfigError
+from funceng.loss import parse_loss
+from funceng.registry import Registry
+
+MODELS = Registry("model")  # config files may name a registered model as dict(type="Name", ...)
 
 
 class BaseModel(nn.Module):
@@ -17,12 +21,18 @@ class BaseModel(nn.Module):
     - ``mode="predict"``: what the metrics' ``process`` receives as ``data_samples``;
     - ``mode="tensor"``: the raw outputs.
 
-    ``data_preprocessor`` and ``init_cfg`` are accepted for MMEngine compatibility; a given preprocessor is
-    called on every batch before ``forward``.
+    ``data_preprocessor``: a module called as ``data_preprocessor(batch, training)`` on every batch before
+    ``forward`` (by `funceng.loss.call_model`, which the default steps use); its parameters and buffers are part
+    of the state. ``init_cfg`` is accepted for MMEngine compatibility and has no effect: the Runner logs it as
+    ignored (`funceng.runner.compat`).
     """
 
     def __init__(self, data_preprocessor: nn.Module | None = None, init_cfg: Any = None):
         super().__init__()
+        if data_preprocessor is not None and not isinstance(data_preprocessor, nn.Module):
+            raise ConfigError(
+                f"data_preprocessor: expected an nn.Module called as data_preprocessor(batch, training), got "
+                f"{type(data_preprocessor).__name__} (config dicts are not built here: build the module yourself)")
         self.data_preprocessor = data_preprocessor
         self.init_cfg = init_cfg
 

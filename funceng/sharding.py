@@ -105,16 +105,11 @@ def _layout(model: nn.Module, template: dict, shapes: list[tuple[int, ...]], ful
     shards = {name: row_shard(tuple(p.shape), dist.get_rank(), dist.get_world_size())
               for name, p in model.named_parameters()}
     layout: ShardLayout = {}
-
-    def visit(node, key):
-        if isinstance(node, dict):
-            for k, child in node.items():
-                visit(child, k)
-        elif key in shards and tuple(shapes[node]) == (shards[key].shape if full else shards[key].local_shape):
-            layout[node] = shards[key]
-
-    visit(template["params"], None)
-    visit(template.get("opt_state", {}), None)
+    for part in ("params", "opt_state"):
+        for path, index in tree.walk(template.get(part, {})):
+            shard = shards.get(path[-1]) if path else None
+            if shard is not None and tuple(shapes[index]) == (shard.shape if full else shard.local_shape):
+                layout[index] = shard
     return layout
 
 

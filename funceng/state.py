@@ -22,16 +22,12 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from funceng.binding import ModuleBinding
+from funceng import binding, loss_scale, rng
+from funceng.errors import DonatedStateError
 from funceng.optim import GradientTransformation
 from funceng.sharding import is_sharded, local_params
 
-DEFAULT_LOSS_SCALE = 2.0**16
 REQUIRED_KEYS = ("params", "buffers", "opt_state", "step", "loss_scale", "rng")
-
-
-class DonatedStateError(RuntimeError):
-    """A state was used after being donated to a step."""
 
 
 def _donated_message() -> str:
@@ -40,14 +36,6 @@ def _donated_message() -> str:
         "returned. Use the returned state (`state, metrics = step(state, batch)`), or clone the state before "
         "the step / build the step with donate=False to keep this value."
     )
-
-
-def rng_state(generator_seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Generator states seeded with ``generator_seed``: CPU always, CUDA when ``device`` is CUDA."""
-    states = {"cpu": torch.Generator().manual_seed(generator_seed).get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.Generator(device=device).manual_seed(generator_seed).get_state()
-    return states
 
 
 class TrainState(TensorDict):
@@ -74,17 +62,14 @@ class TrainState(TensorDict):
                 "buffers": buffers,
                 "opt_state": tx.init(params),
                 "step": torch.zeros((), dtype=torch.int64, device=device),
-                "loss_scale": {
-                    "scale": torch.full((), DEFAULT_LOSS_SCALE, dtype=torch.float32, device=device),
-                    "growth_tracker": torch.zeros((), dtype=torch.int32, device=device),
-                },
-                "rng": rng_state(seed, device),
+                "loss_scale": loss_scale.init(device),
+                "rng": rng.generator_states(seed, device),
             },
             batch_size=[],
         )
         state.lock_()
         if not sharded:
-            ModuleBinding(model, list(params), list(buffers)).bind(list(params.values()), list(buffers.values()))
+            binding.bind(model, params, buffers)
         return state
 
     def __getitem__(self, key: Any) -> Any:

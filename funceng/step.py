@@ -1,15 +1,17 @@
 """Pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``, ``eval_step(state, batch)``.
 
-The step's arithmetic is written once, over the state's leaves. In eager mode the model computes with the
-state's tensors bound into it and ``torch.autograd.grad`` takes the gradients; compiled, the whole step
-(forward, backward, optimizer) is one ``torch.compile(fullgraph=True)`` graph over ``torch.func.functional_call``
-and ``torch.func.grad``, with the leaves as graph inputs so a new learning rate never recompiles.
+Everything that differs between runs is chosen once, when a step is built: how gradients are taken
+(`funceng.grads`: the bound model and autograd in eager mode, ``torch.func`` in one compiled graph, FSDP2's own
+backward for a sharded model), how they are reduced across ranks, and whether the loss is scaled
+(`funceng.loss_scale`). The body then reads like the math: grads -> reduce -> unscale -> ``tx.update`` -> apply
+-> step + 1 -> metrics. It runs over the state's flat leaves, so compiled, a new learning rate or a new state is
+a new input, never a recompilation.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,52 +19,15 @@ from torch import Tensor, nn
 
 from funceng import dist, optim, tree
 from funceng.binding import ModuleBinding
+from funceng.grads import EagerGradients, FunctionalGradients, LossFn, ModelFunction, ShardedGradients, autocast
+from funceng.loss import call_model
+from funceng.loss_scale import DynamicScaling, NoScaling
+from funceng.rng import StateGenerators
 from funceng.sharding import check_shares_storage, is_sharded
 from funceng.state import TrainState, check_state, successor
 
-LossFn = Callable[[nn.Module, Any], Any]
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL = 2.0, 0.5, 2000  # torch.amp.GradScaler's defaults
-
-
-def call_model(model: nn.Module, batch: Any, mode: str) -> Any:
-    """MMEngine's calling convention: ``model(*batch, mode=...)`` (``**batch`` for a dict)."""
-    if isinstance(batch, Mapping):
-        return model(**batch, mode=mode)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch, mode=mode)
-    return model(batch, mode=mode)
-
-
-def parse_loss(output: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """The total loss and the values to log from what a loss function returned.
-
-    A scalar tensor is the loss. In a dict, every entry whose key contains ``"loss"`` is averaged (lists of
-    tensors are summed) and added to the total; every entry is logged.
-    """
-    if isinstance(output, Tensor):
-        if output.ndim != 0:
-            raise ValueError(f"the loss must be a scalar tensor, got shape {tuple(output.shape)}")
-        return output, {}
-    if not isinstance(output, Mapping):
-        raise TypeError(
-            "the loss function (or model(..., mode='loss')) must return a scalar tensor or a dict of losses "
-            f"with a 'loss' entry; got {type(output).__name__}"
-        )
-    logs, total = {}, None
-    for key, value in output.items():
-        if isinstance(value, (list, tuple)):
-            value = sum(v.mean() for v in value)
-        elif isinstance(value, Tensor):
-            value = value.mean()
-        else:
-            raise TypeError(f"loss entry {key!r} must be a tensor or a list of tensors, got {type(value).__name__}")
-        logs[key] = value.detach()
-        if "loss" in key:
-            total = value if total is None else total + value
-    if total is None:
-        raise KeyError(f"the loss dict has no entry whose key contains 'loss'; keys: {sorted(output)}")
-    return total, logs
+LOGGED_OPT_STATE = ("lr", "grad_norm")  # optimizer-state leaves reported in the metrics when present
 
 
 class _Layout:
@@ -73,14 +38,11 @@ class _Layout:
         self.unflatten = tree.unflattener(self.template)
         self.param_names = list(self.template["params"])
         self.buffer_names = list(self.template["buffers"])
-        self.lr = tree.find_leaf(self.template["opt_state"], "lr")
-        self.grad_norm = tree.find_leaf(self.template["opt_state"], "grad_norm")
+        found = {name: tree.find_leaf(self.template["opt_state"], name) for name in LOGGED_OPT_STATE}
+        self.logged = {name: index for name, index in found.items() if index is not None}
         self.rng = self.template["rng"]
 
     def leaves(self, state: TrainState) -> list[Tensor]:
-        cached = state.__dict__.get("_funceng_leaves")
-        if cached is not None and cached[0] is self and state.is_locked:
-            return cached[1]
         template, leaves = tree.flatten(state)
         if template != self.template:
             raise ValueError(
@@ -89,33 +51,6 @@ class _Layout:
                 "optimizer (e.g. without the same `accumulate`)?"
             )
         return leaves
-
-    def remember(self, state: TrainState, leaves: list[Tensor]) -> TrainState:
-        state._funceng_leaves = (self, leaves)
-        return state
-
-
-class _RngScope:
-    """Makes the step draw random numbers from the state's generators, then stores them back."""
-
-    def __init__(self, rng: dict[str, int]):
-        self.cpu, self.cuda = rng.get("cpu"), rng.get("cuda")
-
-    @contextlib.contextmanager
-    def __call__(self, leaves: list[Tensor]):
-        saved_cpu = torch.get_rng_state()
-        torch.set_rng_state(leaves[self.cpu])
-        if self.cuda is not None:
-            saved_cuda = torch.cuda.get_rng_state()
-            torch.cuda.set_rng_state(leaves[self.cuda])
-        try:
-            yield
-        finally:
-            leaves[self.cpu].copy_(torch.get_rng_state())
-            torch.set_rng_state(saved_cpu)
-            if self.cuda is not None:
-                leaves[self.cuda].copy_(torch.cuda.get_rng_state())
-                torch.cuda.set_rng_state(saved_cuda)
 
 
 def _resolve_compile(compile: bool | str | dict, model: nn.Module) -> dict | None:
@@ -139,51 +74,18 @@ def _amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
-class _LossModule(nn.Module):
-    """``fn(model, batch)`` as a module, so `torch.func.functional_call` can swap the model's tensors."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Any:
-        return self.loss_fn(self.model, batch)
-
-
-def _functional_call(module: _LossModule, params: dict, buffers: dict, batch: Any) -> Any:
-    """Runs ``module`` (a `_LossModule`) with its model's parameters and buffers replaced."""
-    tensors = {f"model.{k}": v for k, v in params.items()}
-    tensors.update({f"model.{k}": v for k, v in buffers.items()})
-    return torch.func.functional_call(module, tensors, (batch,))
-
-
-def _mark_batch_dynamic(batch: Any) -> None:
+def _mark_batch_dynamic(tensor: Tensor) -> Tensor:
     """Compiles for any batch size: a smaller last batch then reuses the graph instead of recompiling."""
-    if isinstance(batch, Tensor):
-        if batch.ndim and batch.shape[0] > 1:
-            torch._dynamo.mark_dynamic(batch, 0)
-    elif isinstance(batch, Mapping):
-        for value in batch.values():
-            _mark_batch_dynamic(value)
-    elif isinstance(batch, (list, tuple)):
-        for value in batch:
-            _mark_batch_dynamic(value)
-
-
-def _mark_static(leaves: list[Tensor]) -> None:
-    """Tells CUDA graphs that the state's tensors keep their addresses (donation updates them in place)."""
-    for leaf in leaves:
-        if not getattr(leaf, "_funceng_static", False):
-            torch._dynamo.mark_static_address(leaf)
-            leaf._funceng_static = True
+    if tensor.ndim and tensor.shape[0] > 1:
+        torch._dynamo.mark_dynamic(tensor, 0)
+    return tensor
 
 
 class _Step:
-    """What train and eval steps share: compile and AMP options, and the state layout and model binding, which
-    are built from the first state seen."""
+    """What train and eval steps share: compile and AMP options, and the state's layout (from the first state
+    seen), with the leaves of the last state this step returned or saw kept, so they are not flattened again."""
 
-    def __init__(self, model: nn.Module, fn, compile, amp, dynamic_batch: bool):
+    def __init__(self, model: nn.Module, fn: Callable, compile: bool | str | dict, amp: Any, dynamic_batch: bool):
         self.model = model
         self.sharded = is_sharded(model)
         if self.sharded and compile == "auto":
@@ -192,156 +94,50 @@ class _Step:
             raise ValueError(
                 "compile: a model sharded with fully_shard runs its step eagerly (FSDP2 gathers and frees parameters "
                 "in module hooks, which a whole-step graph cannot hold); compile its blocks instead, with "
-                "torch.compile(block) before sharding, and pass compile=False")
+                "torch.compile(block) before sharding, and pass compile=False"
+            )
         self.compile_options = _resolve_compile(compile, model)
         self.compiled = self.compile_options is not None
         self.amp_dtype = _amp_dtype(amp)
         self.dynamic_batch = dynamic_batch and self.compiled
+        self.cuda_graphs = self.compiled and self.compile_options.get("mode") in ("reduce-overhead", "max-autotune")
         self.device_type = next(model.parameters()).device.type
-        self._layout: _Layout | None = None
-        self._binding: ModuleBinding | None = None
-        self._checked_leaves: list[Tensor] | None = None
         self._fn = torch.compile(fn, **self.compile_options) if self.compiled else fn
+        self._layout: _Layout | None = None
+        self._known: tuple[weakref.ref, list[Tensor]] | None = None  # (a state, its leaves)
+        self._prepared_leaves: list[Tensor] | None = None
 
-    def _layout_for(self, state: TrainState) -> _Layout:
+    def _leaves_of(self, state: TrainState) -> list[Tensor]:
+        check_state(state)
         if self._layout is None:
             self._layout = _Layout(state)
-            self._binding = ModuleBinding(self.model, self._layout.param_names, self._layout.buffer_names)
-        return self._layout
+        if self._known is not None and self._known[0]() is state and state.is_locked:
+            return self._known[1]
+        leaves = self._layout.leaves(state)
+        self._remember(state, leaves)
+        return leaves
 
-    def _check_sharded(self, leaves: list[Tensor]) -> None:
-        """A sharded model ignores the state's params unless they are its own storage: check once per state."""
-        if self.sharded and leaves is not self._checked_leaves:
-            layout = self._layout
-            check_shares_storage(self.model, [leaves[layout.template["params"][name]] for name in layout.param_names])
-            self._checked_leaves = leaves
+    def _remember(self, state: TrainState, leaves: list[Tensor]) -> None:
+        self._known = (weakref.ref(state), leaves)
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
-
-
-class TrainStep(_Step):
-    """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
-
-    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False,
-                 data_parallel=None):
-        super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
-        if self.sharded and not donate:
-            raise ValueError("donate=False: a sharded model's state shares storage with the model, so every step "
-                             "must update it in place (donate=True)")
-        if data_parallel is None:
-            data_parallel = dist.get_world_size() > 1
-        self.data_parallel = data_parallel and not self.sharded  # FSDP2 averages sharded gradients itself
-        self.tx = optim.accumulate(tx, accumulate)
-        self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
-        self._loss_module = _LossModule(model, self.loss_fn)
-        self.donate = donate
-        self._rng: _RngScope | None = None
-
-    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
-        check_state(state)
-        layout = self._layout_for(state)
-        if not self.donate:
-            state = state.clone()
-        leaves = layout.leaves(state)
-        self._check_sharded(leaves)
-        if self.compiled and self.compile_options.get("mode") in ("reduce-overhead", "max-autotune"):
-            _mark_static(leaves)
-        if not self.model.training:
-            self.model.train()
+    def _prepare(self, leaves: list[Tensor], batch: Any, training: bool) -> None:
+        """Checks and marks made once per state or per call, outside the (compiled) function."""
+        if leaves is not self._prepared_leaves:
+            if self.sharded:  # a sharded model computes with its own parameters, so a copy would not be trained
+                params = [leaves[self._layout.template["params"][name]] for name in self._layout.param_names]
+                check_shares_storage(self.model, params)
+            if self.cuda_graphs:  # donation keeps the state's tensors at their addresses
+                for leaf in leaves:
+                    torch._dynamo.mark_static_address(leaf)
+            self._prepared_leaves = leaves
+        if self.model.training != training:
+            self.model.train(training)
         if self.dynamic_batch:
-            _mark_batch_dynamic(batch)
-        with self._rng(leaves):
-            metrics = self._fn(leaves, batch)
-        return layout.remember(successor(state, donate=self.donate), leaves), metrics
+            tree.map_tensors(_mark_batch_dynamic, batch)
 
-    def _layout_for(self, state: TrainState) -> _Layout:
-        if self._layout is None:
-            super()._layout_for(state)
-            self._rng = _RngScope(self._layout.rng)
-        return self._layout
 
-    def _grads_eager(self, params, buffers, batch, scale):
-        self._binding.bind(list(params.values()), list(buffers.values()))
-        with self._autocast():
-            loss, logs = parse_loss(self.loss_fn(self.model, batch))
-        grads = torch.autograd.grad(loss if scale is None else loss * scale, self._binding.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
-        return dict(zip(params, grads)), loss.detach(), logs
-
-    def _grads_sharded(self, params, buffers, batch, scale):
-        """FSDP2: the model already computes with the state's rows; its backward hooks reduce-scatter the
-        averaged gradients into each sharded parameter's ``.grad``, which is taken (and cleared) here."""
-        with self._autocast():
-            loss, logs = parse_loss(self.loss_fn(self.model, batch))
-        (loss if scale is None else loss * scale).backward()
-        grads = {}
-        for (name, param), local in zip(self.model.named_parameters(), params.values()):
-            grads[name] = torch.zeros_like(local) if param.grad is None else param.grad.to_local()
-            param.grad = None
-        return grads, loss.detach(), logs
-
-    def _grads_functional(self, params, buffers, batch, scale):
-        def loss_of(p, b):
-            with self._autocast():
-                loss, logs = parse_loss(_functional_call(self._loss_module, p, b, batch))
-            return (loss if scale is None else loss * scale), (loss.detach(), logs)
-
-        grads, (loss, logs) = torch.func.grad(loss_of, has_aux=True)(params, buffers)
-        return grads, loss, logs
-
-    def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
-        layout = self._layout
-        s = layout.unflatten(leaves)
-        params, buffers, opt_state = s["params"], s["buffers"], s["opt_state"]
-        fp16 = self.amp_dtype == torch.float16
-        scale = s["loss_scale"]["scale"] if fp16 else None
-        if self.compiled:
-            grads_fn = self._grads_functional
-        else:
-            grads_fn = self._grads_sharded if self.sharded else self._grads_eager
-        grads, loss, logs = grads_fn(params, buffers, batch, scale)
-        if self.data_parallel:
-            grads, loss, logs = _mean_across_ranks(grads, loss, logs)
-        elif self.sharded:
-            _, loss, logs = _mean_across_ranks({}, loss, logs)  # the logged loss is the global batch's
-        if fp16:
-            updates, finite = self._unscale(grads, s["loss_scale"], across_ranks=self.sharded)
-            optim.apply_if(finite, self.tx, updates, opt_state, params)
-        else:
-            updates, new_opt_state = self.tx.update(grads, opt_state, params)
-            optim.base.commit_state(opt_state, new_opt_state)
-        optim.apply_updates(params, updates)
-        s["step"].add_(1)
-        metrics = {"loss": loss, **{k: v for k, v in logs.items() if k != "loss"}}
-        if layout.lr is not None:
-            metrics["lr"] = leaves[layout.lr].clone()
-        if layout.grad_norm is not None:
-            metrics["grad_norm"] = leaves[layout.grad_norm].clone()
-        if fp16:
-            metrics["loss_scale"] = scale.clone()
-        return metrics
-
-    @staticmethod
-    def _unscale(grads: dict[str, Tensor], loss_scale: dict[str, Tensor],
-                 across_ranks: bool = False) -> tuple[dict[str, Tensor], Tensor]:
-        """Unscales fp16 gradients, zeroes them if any is non-finite, and updates the dynamic loss scale.
-
-        ``across_ranks``: each rank holds a shard of the gradients, so an overflow found by any rank counts.
-        """
-        scale, tracker = loss_scale["scale"], loss_scale["growth_tracker"]
-        found_inf = torch.zeros((), dtype=torch.float32, device=scale.device)
-        grad_list = list(grads.values())
-        torch._amp_foreach_non_finite_check_and_unscale_(grad_list, found_inf, scale.double().reciprocal().float())
-        if across_ranks:
-            found_inf = dist.mean_across_ranks([found_inf])[0]
-        finite = found_inf == 0
-        # No foreach select exists; this runs only on fp16 skips' path and fuses into one kernel when compiled.
-        clean = dict(zip(grads, [torch.where(finite, g, torch.zeros((), dtype=g.dtype)) for g in grad_list]))
-        torch._amp_update_scale_(scale, tracker, found_inf, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL)
-        return clean, finite
+def _no_reduction(grads: dict, loss: Tensor, logs: dict) -> tuple[dict, Tensor, dict]:
+    return grads, loss, logs
 
 
 def _mean_across_ranks(grads: dict, loss: Tensor, logs: dict) -> tuple[dict, Tensor, dict]:
@@ -353,7 +149,66 @@ def _mean_across_ranks(grads: dict, loss: Tensor, logs: dict) -> tuple[dict, Ten
     """
     averaged = dist.mean_across_ranks([*grads.values(), loss, *logs.values()])
     n = len(grads)
-    return dict(zip(grads, averaged[:n])), averaged[n], dict(zip(logs, averaged[n + 1:]))
+    return dict(zip(grads, averaged[:n])), averaged[n], dict(zip(logs, averaged[n + 1 :]))
+
+
+def _mean_logs_across_ranks(grads: dict, loss: Tensor, logs: dict) -> tuple[dict, Tensor, dict]:
+    """FSDP2 averages sharded gradients itself; the logged loss is still the global batch's."""
+    _, loss, logs = _mean_across_ranks({}, loss, logs)
+    return grads, loss, logs
+
+
+class TrainStep(_Step):
+    """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
+
+    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False, data_parallel=None):
+        super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
+        if self.sharded and not donate:
+            raise ValueError(
+                "donate=False: a sharded model's state shares storage with the model, so every step "
+                "must update it in place (donate=True)"
+            )
+        self.tx = optim.accumulate(tx, accumulate)
+        self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
+        self.donate = donate
+        gradients = FunctionalGradients if self.compiled else ShardedGradients if self.sharded else EagerGradients
+        self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type)
+        if data_parallel is None:
+            data_parallel = dist.get_world_size() > 1
+        self._reduce = (_mean_logs_across_ranks if self.sharded
+                        else _mean_across_ranks if data_parallel else _no_reduction)
+        self._loss_scale = DynamicScaling(across_ranks=self.sharded) if self.amp_dtype == torch.float16 else NoScaling()
+        self._generators: StateGenerators | None = None
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
+        check_state(state)
+        if not self.donate:
+            state = state.clone()
+        leaves = self._leaves_of(state)
+        self._prepare(leaves, batch, training=True)
+        if self._generators is None:
+            self._generators = StateGenerators(self._layout.rng)
+        with self._generators(leaves):
+            metrics = self._fn(leaves, batch)
+        new_state = successor(state, donate=self.donate)
+        self._remember(new_state, leaves)
+        return new_state, metrics
+
+    def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
+        s = self._layout.unflatten(leaves)
+        params, loss_scale = s["params"], s["loss_scale"]
+        grads, loss, logs = self._grads(params, s["buffers"], batch, self._loss_scale.factor(loss_scale))
+        grads, loss, logs = self._reduce(grads, loss, logs)
+        grads, finite = self._loss_scale.unscale(grads, loss_scale)
+        updates = optim.update_in_place(self.tx, grads, s["opt_state"], params, only_if=finite)
+        optim.apply_updates(params, updates)
+        s["step"].add_(1)
+        return self._metrics(leaves, loss, logs, loss_scale)
+
+    def _metrics(self, leaves: list[Tensor], loss: Tensor, logs: dict, loss_scale: dict) -> dict[str, Tensor]:
+        metrics = {"loss": loss, **{k: v for k, v in logs.items() if k != "loss"}}
+        metrics.update({name: leaves[index].clone() for name, index in self._layout.logged.items()})
+        return {**metrics, **self._loss_scale.logged(loss_scale)}
 
 
 class EvalStep(_Step):
@@ -362,30 +217,30 @@ class EvalStep(_Step):
     def __init__(self, model, predict_fn, compile, amp, dynamic_batch=False):
         super().__init__(model, self._predict, compile, amp, dynamic_batch)
         self.predict_fn = predict_fn or (lambda m, batch: call_model(m, batch, "predict"))
-        self._predict_module = _LossModule(model, self.predict_fn)
+        if self.compiled:
+            self._forward = ModelFunction(model, self.predict_fn).call_with
+        elif self.sharded:  # the model computes with the state's rows already
+            self._forward = lambda params, buffers, batch: self.predict_fn(model, batch)
+        else:
+            self._forward = self._forward_bound
+        self._binding: ModuleBinding | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
-        check_state(state)
-        layout = self._layout_for(state)
-        leaves = layout.leaves(state)
-        self._check_sharded(leaves)
-        if self.model.training:
-            self.model.eval()
-        s = layout.unflatten(leaves)
-        if self.dynamic_batch:
-            _mark_batch_dynamic(batch)
-        if self.sharded:
-            with torch.no_grad(), self._autocast():
-                return self.predict_fn(self.model, batch)
+        leaves = self._leaves_of(state)
+        self._prepare(leaves, batch, training=False)
+        s = self._layout.unflatten(leaves)
         with torch.no_grad():
             return self._fn(s["params"], s["buffers"], batch)
 
-    def _predict(self, params, buffers, batch):
-        with self._autocast():
-            if not self.compiled:
-                self._binding.bind(list(params.values()), list(buffers.values()))
-                return self.predict_fn(self.model, batch)
-            return _functional_call(self._predict_module, params, buffers, batch)
+    def _predict(self, params: dict, buffers: dict, batch: Any) -> Any:
+        with autocast(self.device_type, self.amp_dtype):
+            return self._forward(params, buffers, batch)
+
+    def _forward_bound(self, params: dict, buffers: dict, batch: Any) -> Any:
+        if self._binding is None:
+            self._binding = ModuleBinding(self.model, list(params), list(buffers))
+        self._binding.bind(list(params.values()), list(buffers.values()))
+        return self.predict_fn(self.model, batch)
 
 
 def make_train_step(
@@ -393,7 +248,7 @@ def make_train_step(
     tx: optim.GradientTransformation,
     loss_fn: LossFn | None = None,
     *,
-    compile: bool | str = "auto",
+    compile: bool | str | dict = "auto",
     amp: str | torch.dtype | None = None,
     accumulate: int = 1,
     donate: bool = True,
@@ -427,7 +282,7 @@ def make_eval_step(
     model: nn.Module,
     predict_fn: LossFn | None = None,
     *,
-    compile: bool | str = "auto",
+    compile: bool | str | dict = "auto",
     amp: str | torch.dtype | None = None,
     dynamic_batch: bool = False,
 ) -> EvalStep:

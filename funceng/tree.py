@@ -1,26 +1,46 @@
-"""Nested dicts (or TensorDicts) of tensors as a structure template plus a flat list of leaves."""
+"""Walking nested containers of tensors: states (nested dicts or TensorDicts) and batches.
+
+A state is split into a *template*, the same nesting with each tensor replaced by its index, and the flat list
+of its *leaves*, depth first in key order. Steps compile over the leaves, checkpoints store them one file each,
+and the template says where each one sits. Batches may nest tuples, lists, namedtuples and dicts
+(`map_tensors`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
 
-Template = dict[str, Any]  # nested dicts whose leaves are indices into the list of tensors
+
+def walk(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """``(key path, leaf)`` for every leaf of ``tree``, depth first in key order. A leaf is a tensor, or an int
+    in a template; anything else that is not a mapping is an error. (A list, not a generator: it traces into
+    compiled steps.)"""
+    if isinstance(tree, (Tensor, int)):
+        return [(path, tree)]
+    if not (isinstance(tree, Mapping) or hasattr(tree, "items")):
+        raise TypeError(f"a tree's leaves must be tensors or dicts, got {type(tree).__name__} at {'/'.join(path)}")
+    return [item for key, value in tree.items() for item in walk(value, (*path, key))]
+
+
+def leaves(tree: Any) -> list[Tensor]:
+    """Every tensor of ``tree``, depth first in key order."""
+    return [leaf for _, leaf in walk(tree)]
 
 
 def flatten(tree: Any) -> tuple[Any, list[Tensor]]:
     """``(template, leaves)``: the nesting of ``tree`` with each tensor replaced by its index in ``leaves``."""
-    leaves: list[Tensor] = []
+    found: list[Tensor] = []
 
-    def walk(node: Any) -> Any:
+    def replace(node: Any) -> Any:
         if isinstance(node, Tensor):
-            leaves.append(node)
-            return len(leaves) - 1
-        return {key: walk(value) for key, value in node.items()}
+            found.append(node)
+            return len(found) - 1
+        return {key: replace(value) for key, value in node.items()}
 
-    return walk(tree), leaves
+    return replace(tree), found
 
 
 def unflatten(template: Any, leaves: list[Tensor]) -> Any:
@@ -42,16 +62,30 @@ def unflattener(template: Any) -> Callable[[list[Tensor]], Any]:
     return lambda leaves: {key: part(leaves) for key, part in parts}
 
 
+def leaf_paths(template: Any, sep: str = "/") -> list[str]:
+    """The key path of each leaf of a template, in leaf order (``"opt_state/0/exp_avg/fc.weight"``)."""
+    by_index = {index: sep.join(path) for path, index in walk(template)}
+    return [by_index[i] for i in sorted(by_index)]
+
+
 def find_leaf(template: Any, name: str) -> int | None:
-    """Index of the first leaf called ``name`` (depth first), e.g. the learning rate in an optimizer state."""
-    if isinstance(template, dict):
-        for key, value in template.items():
-            if key == name and isinstance(value, int):
-                return value
-            found = find_leaf(value, name)
-            if found is not None:
-                return found
-    return None
+    """Index of the first leaf whose own key is ``name`` (depth first), e.g. the learning rate in an optimizer
+    state; ``None`` if there is none."""
+    return next((index for path, index in walk(template) if path and path[-1] == name), None)
+
+
+def map_tensors(fn: Callable[[Tensor], Any], batch: Any) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it, through dicts, lists, tuples and namedtuples; other
+    values are kept as they are."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {key: map_tensors(fn, value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(map_tensors(fn, value) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(fn, value) for value in batch)
+    return batch
 
 
 def describe_difference(expected: Any, got: Any, path: str = "") -> str:

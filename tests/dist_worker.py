@@ -121,8 +121,8 @@ def run_runner(out: Path, args) -> None:
     if args.fsdp:  # what a sharded model cannot do: compile the whole step, or train a copy of its state
         from funceng import make_train_step
 
-        for name, attempt in (("compile", lambda: make_train_step(runner.model, runner.tx, compile=True)),
-                              ("copy", lambda: runner._train_step(runner.state.clone(), next(iter(
+        for name, attempt in (("compile", lambda: make_train_step(runner.model, runner.train_step.tx, compile=True)),
+                              ("copy", lambda: runner.train_step(runner.state.clone(), next(iter(
                                   runner.train_dataloader))))):
             try:
                 attempt()
@@ -184,8 +184,7 @@ def run_step(out: Path, args) -> None:
     stepping on the whole batch (computed here on every rank, without collectives), in one graph."""
     dist.init_distributed("gloo", TIMEOUT_S)
     rank, world = dist.get_rank(), dist.get_world_size()
-    from funceng import TrainState, make_train_step
-    from funceng.step import TrainStep
+    from funceng import TrainState, loss_scale, make_train_step
 
     torch.manual_seed(0)
     model, reference_model = Mlp(), Mlp()
@@ -204,12 +203,12 @@ def run_step(out: Path, args) -> None:
     loss_diff = abs(metrics["loss"] - reference_metrics["loss"]).item()
     # fp16 with sharded gradients: an overflow in rank 1's shard alone must make every rank skip the step
     shard = {"w": torch.full((3,), float("inf") if rank == 1 else 1.0)}
-    loss_scale = {"scale": torch.tensor(1024.0), "growth_tracker": torch.tensor(0, dtype=torch.int32)}
-    _, finite = TrainStep._unscale(shard, loss_scale, across_ranks=True)
+    scale = {"scale": torch.tensor(1024.0), "growth_tracker": torch.tensor(0, dtype=torch.int32)}
+    _, finite = loss_scale.unscale_and_update(shard, scale, across_ranks=True)
     record = {"rank": rank, "max_param_diff": max(diffs), "loss_diff": loss_diff,
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
               "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()), "digest": digest(state),
-              "fp16_shard_finite": finite.item(), "fp16_scale_after_overflow": loss_scale["scale"].item()}
+              "fp16_shard_finite": finite.item(), "fp16_scale_after_overflow": scale["scale"].item()}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from funceng import checkpoint  # noqa: E402
+from funceng import checkpoint, fileio  # noqa: E402
 from funceng.runner import Hook, Runner  # noqa: E402
 from tests.runner_fixtures import Accuracy, TinyNet, dataset  # noqa: E402
 
@@ -52,8 +52,9 @@ class Interrupt(Hook):
 
 
 def kill_during_save(after_files: int) -> None:
-    """SIGKILL this process after ``after_files`` more checkpoint files have been written."""
-    real_write, written = checkpoint._write, [0]
+    """SIGKILL this process after ``after_files`` more files have been written durably (checkpoint files and
+    ``last_checkpoint``)."""
+    real_write, written = fileio.write_durably, [0]
 
     def write(path, data):
         digest = real_write(path, data)
@@ -62,7 +63,7 @@ def kill_during_save(after_files: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return digest
 
-    checkpoint._write = write
+    fileio.write_durably = write
 
 
 def main() -> None:

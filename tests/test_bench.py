@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from funceng.bench import markdown, run_suite, write_results
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the harness lives beside the package, not in it
+
+from compare import markdown, run_suite, write_results  # noqa: E402
 
 
 def test_suite_times_systems_side_by_side_and_reports_skips(tmp_path):

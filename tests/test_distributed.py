@@ -99,8 +99,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one_rank(runs, tmp_path):
     root, _, _ = runs
     saved = root / "two" / "work" / "iter_9"
     runner = build_runner(tmp_path / "work", GLOBAL_BATCH, resume_from=str(saved))
-    runner._build_training()
-    runner._resume()
+    runner.load_or_resume()
     loaded = load_state(saved)[0]
     for a, b in zip(flatten(runner.state)[1], flatten(loaded)[1], strict=True):
         assert torch.equal(a, b)

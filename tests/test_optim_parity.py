@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from funceng import optim, schedules
+from funceng import optim, schedules, tree
 
 STEPS = 30
 
@@ -202,9 +202,9 @@ def test_apply_if_false_leaves_state_and_params_bitwise_unchanged():
     params = _params()
     state = tx.init(params)
     updates, state = tx.update(_grads(0, params), state, params)
-    before = [t.clone() for t in optim.base.tree_leaves(state)]
+    before = [t.clone() for t in tree.leaves(state)]
     updates, state = optim.apply_if(torch.tensor(False), tx, _grads(1, params), state, params)
-    for old, new in zip(before, optim.base.tree_leaves(state), strict=True):
+    for old, new in zip(before, tree.leaves(state), strict=True):
         assert torch.equal(old, new)
     assert all(torch.count_nonzero(u) == 0 for u in updates.values())
 

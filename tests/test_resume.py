@@ -65,7 +65,7 @@ def test_epoch_checkpoints_resume_bitwise_exact(tmp_path_factory, tmp_path):
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path):
-    # iter_4 has 30-odd files; die after the 40th write, inside iter_8's
+    # iter_4 is 30 files and last_checkpoint; die after the 40th durable write, inside iter_8's
     done = run(tmp_path, "--kill-in-save", "40")
     assert done.returncode == -signal.SIGKILL
     assert Path((tmp_path / "last_checkpoint").read_text()) == tmp_path / "iter_4"

@@ -259,23 +259,39 @@ def test_work_dir_that_is_a_file_is_rejected(tmp_path):
         Runner(**runner_kwargs(tmp_path, work_dir=tmp_path / "file"))
 
 
+class RunnerTestTopOne(Accuracy):
+    """A metric whose class name no other module uses, so configs may name it as a string."""
+
+
 def test_evaluator_rejects_duplicate_metric_names():
-    evaluator = Evaluator([dict(type=Accuracy), dict(type="Accuracy")])
+    evaluator = Evaluator([dict(type=RunnerTestTopOne), dict(type="RunnerTestTopOne")])
     evaluator.process(data_samples=(torch.eye(3), torch.arange(3)))
     with pytest.raises(ValueError, match="metric name 'accuracy' is produced by more than one metric"):
         evaluator.evaluate(3)
-    prefixed = Evaluator([dict(type=Accuracy), dict(type=Accuracy, prefix="other")])
+    prefixed = Evaluator([dict(type=Accuracy), dict(type=RunnerTestTopOne, prefix="other")])
     prefixed.process(data_samples=(torch.eye(3), torch.arange(3)))
     assert prefixed.evaluate(3) == {"accuracy": 100.0, "other/accuracy": 100.0}
+
+
+def test_a_metric_name_defined_in_two_modules_is_ambiguous_not_picked():
+    namespace = {"__name__": "another_module"}
+    exec("from funceng.evaluator import BaseMetric\n"
+         "class RunnerTestTopOne(BaseMetric):\n"
+         "    def process(self, data_batch, data_samples): pass\n"
+         "    def compute_metrics(self, results): return {}\n", namespace)
+    with pytest.raises(ConfigError, match=r"metric name 'RunnerTestTopOne' is ambiguous: it names "
+                                          r"tests.test_runner.RunnerTestTopOne, another_module.RunnerTestTopOne"):
+        Evaluator([dict(type="RunnerTestTopOne")])
+    assert isinstance(Evaluator([dict(type=RunnerTestTopOne)]).metrics[0], RunnerTestTopOne)  # the class still works
 
 
 def test_batches_of_every_shape_reach_the_device():
     from collections import namedtuple
 
-    from funceng.runner.runner import _to_device
+    from funceng.runner.data import to_device
 
     Pair = namedtuple("Pair", "x y")
     meta = torch.device("meta")
-    moved = _to_device({"a": [torch.ones(1), (torch.ones(2), "tag")], "b": Pair(torch.ones(3), 4)}, meta)
+    moved = to_device({"a": [torch.ones(1), (torch.ones(2), "tag")], "b": Pair(torch.ones(3), 4)}, meta)
     assert moved["a"][0].device == meta and moved["a"][1][0].device == meta and moved["a"][1][1] == "tag"
     assert isinstance(moved["b"], Pair) and moved["b"].x.device == meta and moved["b"].y == 4

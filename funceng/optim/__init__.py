@@ -10,6 +10,7 @@ from funceng.optim.base import (
     apply_updates,
     chain,
     identity,
+    update_in_place,
 )
 from funceng.optim.transforms import (
     add_decayed_weights,
@@ -42,4 +43,5 @@ __all__ = [
     "scale_by_learning_rate",
     "sgd",
     "trace",
+    "update_in_place",
 ]

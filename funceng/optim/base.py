@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from funceng import tree
+
 Params = dict[str, Tensor]
 Updates = dict[str, Tensor]
 OptState = dict[str, Any]
@@ -30,9 +32,9 @@ class GradientTransformation(NamedTuple):
     update: Callable[[Updates, OptState, Params], tuple[Updates, OptState]]
 
 
-def values(tree: Mapping[str, Tensor]) -> list[Tensor]:
+def values(flat: Mapping[str, Tensor]) -> list[Tensor]:
     """The leaves of a flat tree, in key order."""
-    return list(tree.values())
+    return list(flat.values())
 
 
 def zeros_like(params: Params) -> dict[str, Tensor]:
@@ -46,7 +48,8 @@ def scalar(value: float | Tensor, like: Tensor | None = None, dtype: torch.dtype
     return torch.as_tensor(value, dtype=dtype, device=device).clone()
 
 
-def first_device_leaf(params: Params) -> Tensor | None:
+def first_param(params: Params) -> Tensor | None:
+    """The first parameter, whose device new state tensors go to (``None`` for no parameters)."""
     return next(iter(params.values()), None)
 
 
@@ -78,15 +81,6 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return params
 
 
-def tree_leaves(tree: Any) -> list[Tensor]:
-    """Every tensor of a nested dict, depth first in key order."""
-    if isinstance(tree, Tensor):
-        return [tree]
-    if isinstance(tree, Mapping):
-        return [leaf for value in tree.values() for leaf in tree_leaves(value)]
-    raise TypeError(f"optimizer state leaves must be tensors or dicts, got {type(tree).__name__}")
-
-
 def apply_if(
     flag: Tensor, tx: GradientTransformation, updates: Updates, state: OptState, params: Params | None
 ) -> tuple[Updates, OptState]:
@@ -96,7 +90,7 @@ def apply_if(
     (``lerp`` with weight 0 or 1 is exact) and the updates are multiplied by 0 or 1. ``updates`` must be
     finite. Used by gradient accumulation (apply every k-th micro-step) and fp16 step skipping.
     """
-    old_leaves = tree_leaves(state)
+    old_leaves = tree.leaves(state)
     floats = [t for t in old_leaves if t.is_floating_point()]
     others = [t for t in old_leaves if not t.is_floating_point()]
     float_backup = torch._foreach_mul(floats, 1) if floats else []
@@ -113,6 +107,21 @@ def apply_if(
     return updates, state
 
 
+def update_in_place(
+    tx: GradientTransformation, updates: Updates, state: OptState, params: Params | None, only_if: Tensor | None = None
+) -> Updates:
+    """``tx.update`` with the new optimizer state written into the storage of ``state``; returns the updates.
+
+    ``only_if`` (a 0-d bool tensor, or ``None`` for always): the step takes effect only where it is true
+    (`apply_if`), without a host sync.
+    """
+    if only_if is not None:
+        return apply_if(only_if, tx, updates, state, params)[0]
+    updates, new_state = tx.update(updates, state, params)
+    commit_state(state, new_state)
+    return updates
+
+
 def same_or_new(state: OptState, new_state: OptState) -> OptState:
     """``state`` itself when every entry of ``new_state`` is the same object (updated in place), else
     ``new_state``: lets `commit_state` skip the common in-place case with one identity check."""
@@ -124,6 +133,6 @@ def commit_state(state: OptState, new_state: OptState) -> None:
     """Writes ``new_state`` into the storage of ``state`` where a transform returned new tensors."""
     if new_state is state:
         return
-    for old, new in zip(tree_leaves(state), tree_leaves(new_state), strict=True):
+    for old, new in zip(tree.leaves(state), tree.leaves(new_state), strict=True):
         if old is not new:
             old.copy_(new)

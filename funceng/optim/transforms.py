@@ -13,7 +13,7 @@ from funceng.optim.base import (
     OptState,
     Params,
     Updates,
-    first_device_leaf,
+    first_param,
     scalar,
     values,
     zeros_like,
@@ -49,7 +49,7 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
     def init(params: Params) -> OptState:
         state = {"momentum_buffer": zeros_like(params)}
         if dampening:
-            state["count"] = scalar(0, first_device_leaf(params), torch.int64)
+            state["count"] = scalar(0, first_param(params), torch.int64)
         return state
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
@@ -82,7 +82,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     def init(params: Params) -> OptState:
         return {
-            "count": scalar(0, first_device_leaf(params), torch.int64),
+            "count": scalar(0, first_param(params), torch.int64),
             "exp_avg": zeros_like(params),
             "exp_avg_sq": zeros_like(params),
         }
@@ -120,7 +120,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     is_schedule = callable(learning_rate)
 
     def init(params: Params) -> OptState:
-        like = first_device_leaf(params)
+        like = first_param(params)
         if is_schedule:
             count = scalar(0, like, torch.int64)
             return {"count": count, "lr": scalar(learning_rate(count), like)}
@@ -146,7 +146,7 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, across_ranks: bool =
     """
 
     def init(params: Params) -> OptState:
-        return {"grad_norm": scalar(0.0, first_device_leaf(params), torch.float32)}
+        return {"grad_norm": scalar(0.0, first_param(params), torch.float32)}
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         if not updates:

@@ -12,7 +12,7 @@ from funceng.optim.base import (
     Params,
     Updates,
     apply_if,
-    first_device_leaf,
+    first_param,
     identity,
     same_or_new,
     scalar,
@@ -36,7 +36,7 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
 
     def init(params: Params) -> OptState:
         return {
-            "mini_step": scalar(0, first_device_leaf(params), torch.int64),
+            "mini_step": scalar(0, first_param(params), torch.int64),
             "acc": zeros_like(params),
             "inner": tx.init(params),
         }

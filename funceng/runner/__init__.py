@@ -1,9 +1,23 @@
-"""MMEngine-compatible front end: `Runner` and its hooks."""
+"""MMEngine-compatible front end: the `Runner`, its loops and its hooks."""
 
-from funceng.runner.build import ConfigError
+from funceng.errors import ConfigError
 from funceng.runner.hooks import CheckpointHook, EarlyStoppingHook, EMAHook, Hook, LoggerHook, SyncBuffersHook
+from funceng.runner.loops import EpochBasedTrainLoop, IterBasedTrainLoop, TestLoop, ValLoop
 from funceng.runner.runner import Runner
 from funceng.runner.sampler import DefaultSampler
 
-__all__ = ["CheckpointHook", "ConfigError", "DefaultSampler", "EMAHook", "EarlyStoppingHook", "Hook", "LoggerHook",
-           "Runner", "SyncBuffersHook"]
+__all__ = [
+    "CheckpointHook",
+    "ConfigError",
+    "DefaultSampler",
+    "EMAHook",
+    "EarlyStoppingHook",
+    "EpochBasedTrainLoop",
+    "Hook",
+    "IterBasedTrainLoop",
+    "LoggerHook",
+    "Runner",
+    "SyncBuffersHook",
+    "TestLoop",
+    "ValLoop",
+]

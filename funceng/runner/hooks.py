@@ -1,20 +1,25 @@
-"""Hooks: MMEngine's extension points, called by the Runner at each stage of a run."""
+"""Hooks: MMEngine's extension points, called by the Runner's loops at each stage of a run."""
 
 from __future__ import annotations
 
 import math
-import shutil
 import sys
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from funceng import dist
+from funceng.errors import ConfigError, check_keys
+from funceng.evaluator import improvement, metric_rule
+from funceng.registry import Registry
+from funceng.runner import compat
 from funceng.runner.log import ProgressBar, Window, cuda_memory_mb, epoch_end_line, header, iteration_line
 
 if TYPE_CHECKING:
     from funceng.runner.runner import Runner
 
+HOOKS = Registry("hook")
 PRIORITIES = {"HIGHEST": 0, "VERY_HIGH": 10, "HIGH": 30, "ABOVE_NORMAL": 40, "NORMAL": 50, "BELOW_NORMAL": 60,
               "LOW": 70, "VERY_LOW": 90, "LOWEST": 100}
 
@@ -44,8 +49,11 @@ class Hook:
     def after_test_epoch(self, runner: Runner, metrics: dict[str, Any] | None = None) -> None: ...
     def before_test_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
     def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
-    def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None: ...
-    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None: ...
+    def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        """``checkpoint`` is the metadata about to be saved with the state; add JSON-serialisable entries."""
+
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        """``checkpoint`` is the metadata of the checkpoint just resumed from."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state saved in checkpoints, so a resumed run continues where it stopped."""
@@ -63,14 +71,16 @@ class Hook:
         return PRIORITIES[self.priority] if isinstance(self.priority, str) else int(self.priority)
 
 
+@HOOKS.register
 class LoggerHook(Hook):
-    """Logs smoothed time, data_time and losses every ``interval`` iterations in MMEngine's format, writes them
-    to ``vis_data/scalars.json``, and stops a run whose loss became non-finite, naming the iteration.
+    """Logs smoothed time, data_time and losses every ``interval`` iterations in MMEngine's format and writes them
+    to ``vis_data/scalars.json`` (and any other visualizer backend).
 
     Losses stay on the device between log lines, so a compiled step is never synced more than once per line.
     ``progress``: ``True`` shows a live bar (eta, it/s, loss) instead of printing iteration lines to the terminal
     (the log file still gets every line); ``"auto"`` does so when stdout is a terminal. ``log_metric_by_epoch`` is
-    accepted for MMEngine compatibility: validation metrics are always logged at the epoch (or iteration) step.
+    accepted for MMEngine compatibility (`funceng.runner.compat`). A non-finite loss stops the run in the train
+    loop, logger or not.
     """
 
     priority = "BELOW_NORMAL"
@@ -79,6 +89,8 @@ class LoggerHook(Hook):
                  progress: bool | str = "auto"):
         if progress not in (True, False, "auto"):
             raise ValueError(f"LoggerHook.progress must be True, False or 'auto', got {progress!r}")
+        if not log_metric_by_epoch:
+            compat.ignored("LoggerHook(log_metric_by_epoch)")
         self.interval = interval
         self.ignore_last = ignore_last
         self.progress = progress
@@ -99,7 +111,7 @@ class LoggerHook(Hook):
     def before_train_epoch(self, runner):
         if self._show_bar and runner.by_epoch:
             self._bar = ProgressBar(len(runner.train_dataloader), f"Epoch {runner.epoch + 1}/{runner.max_epochs}",
-                                    initial=runner._batches_done)
+                                    initial=runner.train_loop.batches_done)
         elif self._show_bar:
             self._bar = ProgressBar(runner.max_iters, "Iter", initial=runner.iter)
 
@@ -132,20 +144,13 @@ class LoggerHook(Hook):
             self._bar_postfix = {}
 
     def _drain(self, runner) -> dict[str, float]:
-        """Moves pending device scalars into the windows (one sync) and checks the loss is finite."""
+        """Moves pending device scalars into the windows (one sync); returns their smoothed values."""
         if not self._pending:
             return {}
-        iters = [it for it, _ in self._pending]
         keys = list(self._pending[-1][1])
         values = torch.stack([torch.stack([m[k].float() for k in keys]) for _, m in self._pending]).tolist()
         self._pending.clear()
-        for it, row in zip(iters, values):
-            loss = row[keys.index("loss")]
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss} at iteration {it} ({runner.describe_iter(it)}); training stopped. "
-                    "Lower the learning rate, clip gradients (optim_wrapper.clip_grad) or check the data."
-                )
+        for row in values:
             for key, value in zip(keys, row):
                 self._window(key).update(value)
         return {k: self._window(k).mean() for k in keys}
@@ -205,57 +210,39 @@ class LoggerHook(Hook):
                               "time": self._val_all_time.global_mean()}, step)
 
 
+@HOOKS.register
 class CheckpointHook(Hook):
     """Saves ``epoch_N`` / ``iter_N`` checkpoints every ``interval`` (and the last one), keeps at most
-    ``max_keep_ckpts`` of them, and with ``save_best`` keeps ``best_<metric>_<epoch|iter>_N`` for the best value."""
+    ``max_keep_ckpts`` of them, and with ``save_best`` keeps ``best_<metric>_<epoch|iter>_N`` for the best value
+    (``rule``: ``"greater"`` or ``"less"``, inferred from the name if not given). ``out_dir``: checkpoints go to
+    ``out_dir/<work_dir's name>`` (``last_checkpoint`` stays in work_dir). The Runner's checkpoint manager
+    (`funceng.runner.checkpointer`) does the saving and the bookkeeping."""
 
     priority = "VERY_LOW"
 
     def __init__(self, interval: int = 1, by_epoch: bool | None = None, max_keep_ckpts: int = -1,
                  save_best: str | None = None, rule: str | None = None, save_last: bool = True,
                  out_dir: str | None = None):
-        if rule not in (None, "greater", "less"):
-            raise ValueError(f"CheckpointHook.rule must be 'greater' or 'less', got {rule!r}")
+        metric_rule(save_best or "", rule)  # checks rule
         self.interval, self.by_epoch, self.max_keep_ckpts = interval, by_epoch, max_keep_ckpts
         self.save_best, self.rule, self.save_last, self.out_dir = save_best, rule, save_last, out_dir
-        self.kept: list[str] = []
-        self.best_value: float | None = None
-        self.best_path: str | None = None
 
     def before_train(self, runner):
         if self.by_epoch is None:
             self.by_epoch = runner.by_epoch
 
-    def state_dict(self):
-        return {"kept": self.kept, "best_value": self.best_value, "best_path": self.best_path}
-
-    def load_state_dict(self, state):
-        self.kept, self.best_value, self.best_path = list(state["kept"]), state["best_value"], state["best_path"]
+    def _due(self, count: int, last: int) -> bool:
+        return count % self.interval == 0 or (count >= last and self.save_last)
 
     def after_train_epoch(self, runner):
-        if not self.by_epoch:
-            return
-        last = runner.epoch >= runner.max_epochs
-        if runner.epoch % self.interval == 0 or (last and self.save_last):
+        if self.by_epoch and self._due(runner.epoch, runner.max_epochs):
             runner.logger.info(f"Saving checkpoint at {runner.epoch} epochs")
-            self._save(runner, f"epoch_{runner.epoch}")
+            runner.checkpointer.save_rolling(f"epoch_{runner.epoch}", self.max_keep_ckpts)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        if self.by_epoch:
-            return
-        last = runner.iter >= runner.max_iters
-        if runner.iter % self.interval == 0 or (last and self.save_last):
+        if not self.by_epoch and self._due(runner.iter, runner.max_iters):
             runner.logger.info(f"Saving checkpoint at {runner.iter} iterations")
-            self._save(runner, f"iter_{runner.iter}")
-
-    def _save(self, runner, name):
-        runner.save_checkpoint(name)
-        self.kept.append(name)
-        if self.max_keep_ckpts > 0:
-            while len(self.kept) > self.max_keep_ckpts:
-                old = runner.checkpoint_dir / self.kept.pop(0)
-                if runner.rank == 0:
-                    shutil.rmtree(old, ignore_errors=True)
+            runner.checkpointer.save_rolling(f"iter_{runner.iter}", self.max_keep_ckpts)
 
     def after_val_epoch(self, runner, metrics=None):
         if not self.save_best or not metrics:
@@ -263,21 +250,14 @@ class CheckpointHook(Hook):
         key = next(iter(metrics)) if self.save_best == "auto" else self.save_best
         if key not in metrics:
             raise KeyError(f"CheckpointHook.save_best={self.save_best!r} is not among the metrics {sorted(metrics)}")
-        rule = self.rule or ("less" if "loss" in key else "greater")
         value = float(metrics[key])
-        better = self.best_value is None or (value > self.best_value if rule == "greater" else value < self.best_value)
-        if not better:
-            return
-        self.best_value = value
         unit, count = ("epoch", runner.epoch) if runner.by_epoch else ("iter", runner.iter)
         name = f"best_{key.replace('/', '_')}_{unit}_{count}"
-        runner.save_checkpoint(name, update_last=False)
-        if self.best_path and self.best_path != name and runner.rank == 0:
-            shutil.rmtree(runner.checkpoint_dir / self.best_path, ignore_errors=True)
-        self.best_path = name
-        runner.logger.info(f"The best checkpoint with {value:.4f} {key} at {count} {unit} is saved to {name}.")
+        if runner.checkpointer.save_if_best(key, value, metric_rule(key, self.rule), name):
+            runner.logger.info(f"The best checkpoint with {value:.4f} {key} at {count} {unit} is saved to {name}.")
 
 
+@HOOKS.register
 class EMAHook(Hook):
     """An exponential moving average of the parameters, kept in the TrainState under ``"ema"``:
     ``ema <- (1 - momentum) * ema + momentum * params`` after every train iteration from ``begin_iter``.
@@ -309,6 +289,7 @@ class EMAHook(Hook):
     after_test_epoch = after_val_epoch
 
 
+@HOOKS.register
 class SyncBuffersHook(Hook):
     """Averages floating-point buffers (BatchNorm running statistics) over the ranks after each training epoch
     and before validation, so every rank evaluates, and every checkpoint holds, the same statistics.
@@ -328,6 +309,7 @@ class SyncBuffersHook(Hook):
         self._sync(runner)
 
 
+@HOOKS.register
 class EarlyStoppingHook(Hook):
     """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` validations, or became
     non-finite, or reached ``stopping_threshold``."""
@@ -337,7 +319,7 @@ class EarlyStoppingHook(Hook):
     def __init__(self, monitor: str, rule: str | None = None, min_delta: float = 0.1, strict: bool = False,
                  check_finite: bool = True, patience: int = 5, stopping_threshold: float | None = None):
         self.monitor, self.min_delta, self.strict = monitor, min_delta, strict
-        self.rule = rule or ("less" if "loss" in monitor else "greater")
+        self.rule = metric_rule(monitor, rule)
         self.check_finite, self.patience, self.stopping_threshold = check_finite, patience, stopping_threshold
         self.best: float | None = None
         self.wait = 0
@@ -355,13 +337,12 @@ class EarlyStoppingHook(Hook):
                 raise KeyError(f"EarlyStoppingHook: monitor {self.monitor!r} not in metrics {sorted(metrics)}")
             return
         value = float(metrics[self.monitor])
-        sign = 1 if self.rule == "greater" else -1
         reason = None
         if self.check_finite and not math.isfinite(value):
             reason = f"{self.monitor} is {value}"
-        elif self.stopping_threshold is not None and sign * (value - self.stopping_threshold) >= 0:
+        elif self.stopping_threshold is not None and improvement(value, self.stopping_threshold, self.rule) >= 0:
             reason = f"{self.monitor} reached the threshold {self.stopping_threshold}"
-        elif self.best is None or sign * (value - self.best) > self.min_delta:
+        elif self.best is None or improvement(value, self.best, self.rule) > self.min_delta:
             self.best, self.wait = value, 0
         else:
             self.wait += 1
@@ -372,4 +353,33 @@ class EarlyStoppingHook(Hook):
             runner.logger.info(f"Early stopping: {reason} (best {self.best}).")
 
 
-HOOKS = {cls.__name__: cls for cls in (LoggerHook, CheckpointHook, EMAHook, EarlyStoppingHook, SyncBuffersHook)}
+DEFAULT_HOOKS = {"logger": LoggerHook, "checkpoint": CheckpointHook}
+BUILT_IN_DEFAULT_HOOKS = ("timer", "runtime_info", "param_scheduler", "sampler_seed", "visualization")
+
+
+def build_hooks(default_hooks: Mapping[str, Any] | None, custom_hooks: Sequence[Any] | None) -> list[Hook]:
+    """The run's hooks in priority order: ``default_hooks`` (``logger`` and ``checkpoint`` unless set to
+    ``None``; MMEngine's other default hooks are built into the loops) and ``custom_hooks``."""
+    default_hooks, custom_hooks = dict(default_hooks or {}), list(custom_hooks or [])
+    check_keys("default_hooks", default_hooks, set(DEFAULT_HOOKS) | set(BUILT_IN_DEFAULT_HOOKS))
+    hooks = []
+    for name, cls in DEFAULT_HOOKS.items():
+        cfg = default_hooks.get(name, {})
+        if cfg is not None:  # None disables it
+            hooks.append(_build_hook(cfg, f"default_hooks.{name}", cls))
+    for name in BUILT_IN_DEFAULT_HOOKS:
+        if default_hooks.get(name) is not None:
+            compat.ignored(f"default_hooks.{name}")
+    hooks += [_build_hook(cfg, f"custom_hooks[{i}]") for i, cfg in enumerate(custom_hooks)]
+    return sorted(hooks, key=lambda h: h.priority_value)
+
+
+def _build_hook(cfg: Any, where: str, default_type: type | None = None) -> Hook:
+    if isinstance(cfg, Hook):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{where}: expected a Hook or a dict, got {type(cfg).__name__}")
+    hook = HOOKS.build(cfg, where, default_type=default_type)
+    if not isinstance(hook, Hook):
+        raise ConfigError(f"{where}: {type(hook).__name__} is not a Hook")
+    return hook

@@ -1,4 +1,4 @@
-"""MMEngine-format logging: the logger, the environment banner, log lines and the scalars file."""
+"""MMEngine-format logging: the logger, its line formats, smoothing windows and the progress bar."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-import funceng
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
@@ -29,64 +27,30 @@ class IterationLineFilter(logging.Filter):
         return not (self.quiet and getattr(record, "iteration_line", False))
 
 
-def make_logger(log_file: Path | None, level: str = "INFO") -> logging.Logger:
-    """A private logger named ``funceng`` writing to stdout and, on the main process, to ``log_file``.
+class RunLogger(logging.Logger):
+    """A run's private logger named ``funceng``: to stdout and, on the main process, to the run's log file.
 
-    ``logger.terminal_filter`` (an `IterationLineFilter`) can hide per-iteration lines from the terminal.
+    ``terminal_filter`` (an `IterationLineFilter`) can hide per-iteration lines from the terminal.
     """
-    logger = logging.Logger("funceng", level=level)
-    formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
-    stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(formatter)
-    logger.terminal_filter = IterationLineFilter()
-    stream.addFilter(logger.terminal_filter)
-    logger.addHandler(stream)
-    if log_file is not None:
-        file = logging.FileHandler(log_file, mode="w")
-        file.setFormatter(formatter)
-        logger.addHandler(file)
-    return logger
 
+    def __init__(self, log_file: Path | None, level: str = "INFO"):
+        super().__init__("funceng", level=level)
+        formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(formatter)
+        self.terminal_filter = IterationLineFilter()
+        stream.addFilter(self.terminal_filter)
+        self.addHandler(stream)
+        if log_file is not None:
+            file = logging.FileHandler(log_file, mode="w")
+            file.setFormatter(formatter)
+            self.addHandler(file)
 
-def close_logger(logger: logging.Logger) -> None:
-    for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
-
-
-def environment_banner(seed: int, deterministic: bool, launcher: str = "none", world_size: int = 1) -> str:
-    lines = [
-        "",
-        "-" * 60,
-        "System environment:",
-        f"    sys.platform: {sys.platform}",
-        f"    Python: {sys.version.replace(chr(10), ' ')}",
-        f"    CUDA available: {torch.cuda.is_available()}",
-        f"    numpy_random_seed: {seed}",
-    ]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            lines.append(f"    GPU {i}: {torch.cuda.get_device_name(i)}")
-        lines.append(f"    CUDA: {torch.version.cuda}")
-    lines += [f"    PyTorch: {torch.__version__}", f"    NumPy: {np.__version__}"]
-    try:
-        import torchvision
-
-        lines.append(f"    TorchVision: {torchvision.__version__}")
-    except ImportError:
-        pass
-    lines += [
-        f"    funceng: {funceng.__version__}",
-        "",
-        "Runtime environment:",
-        f"    seed: {seed}",
-        f"    deterministic: {deterministic}",
-        f"    Distributed launcher: {launcher}",
-        f"    Distributed training: {world_size > 1}",
-        f"    World size: {world_size}",
-        "-" * 60,
-    ]
-    return "\n".join(lines)
+    def close(self) -> None:
+        """Closes the log file; the logger writes nothing more."""
+        for handler in list(self.handlers):
+            handler.close()
+            self.removeHandler(handler)
 
 
 class ProgressBar:

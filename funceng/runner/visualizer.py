@@ -7,9 +7,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from funceng.runner.build import ConfigError, check_keys, type_name
+from funceng.errors import ConfigError, check_keys
+from funceng.registry import Registry
+from funceng.runner import compat
+
+VIS_BACKENDS = Registry("backend")
 
 
+@VIS_BACKENDS.register
 class LocalVisBackend:
     """JSON lines in ``<save_dir>/scalars.json``, each with its ``step``, as MMEngine's LocalVisBackend."""
 
@@ -25,6 +30,7 @@ class LocalVisBackend:
         pass
 
 
+@VIS_BACKENDS.register
 class TensorboardVisBackend:
     """TensorBoard event files in ``<save_dir>`` (``pip install tensorboard``)."""
 
@@ -44,9 +50,6 @@ class TensorboardVisBackend:
         self.writer.close()
 
 
-BACKENDS = {"LocalVisBackend": LocalVisBackend, "TensorboardVisBackend": TensorboardVisBackend}
-
-
 class Visualizer:
     """Sends each record of scalars to every backend; non-numeric and ``None`` values are dropped."""
 
@@ -54,18 +57,21 @@ class Visualizer:
         """``write=False`` (ranks other than 0) checks the config but writes nothing."""
         self.backends = []
         for i, cfg in enumerate(vis_backends or [{"type": "LocalVisBackend"}]):
-            check_keys(f"visualizer.vis_backends[{i}]", cfg, {"type"})
-            name = type_name(cfg.get("type"))
-            if name not in BACKENDS:
-                raise ConfigError(f"visualizer.vis_backends[{i}].type: unknown backend {name!r}; "
-                                  f"supported: {sorted(BACKENDS)}")
+            where = f"visualizer.vis_backends[{i}]"
             if write:
-                self.backends.append(BACKENDS[name](save_dir))
+                self.backends.append(VIS_BACKENDS.build(cfg, where, save_dir=save_dir))
+            elif "type" not in cfg:
+                raise ConfigError(f"{where}: missing 'type'; known: {VIS_BACKENDS.names()}")
+            else:
+                VIS_BACKENDS.resolve(cfg["type"], f"{where}.type")
 
     @classmethod
     def from_cfg(cls, save_dir: Path, cfg: Mapping[str, Any] | None, write: bool = True) -> Visualizer:
         cfg = dict(cfg or {})
         check_keys("visualizer", cfg, {"type", "vis_backends", "name"})
+        for key in ("type", "name"):
+            if key in cfg:
+                compat.ignored(f"visualizer.{key}")
         return cls(save_dir, cfg.get("vis_backends"), write)
 
     def write(self, scalars: dict[str, Any], step: int) -> None:

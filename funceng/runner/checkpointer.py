@@ -1,0 +1,185 @@
+"""The checkpoint manager: every decision about a run's checkpoints, for `CheckpointHook` and the Runner alike.
+
+It saves the state with the metadata that resumes it exactly (the loop's position, the hooks' state, the config),
+points ``work_dir/last_checkpoint`` at the newest one, keeps the last ``max_keep_ckpts`` and the best one, and
+resumes: from ``last_checkpoint`` or the newest intact checkpoint, falling back (and saying so) past corrupt ones,
+with every rank agreeing on which. The format itself is `funceng.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from funceng import checkpoint, dist, fileio, tree
+from funceng.errors import CheckpointError
+from funceng.evaluator import improvement
+from funceng.sharding import checkpoint_shard_layout, shard_layout
+from funceng.state import TrainState
+
+if TYPE_CHECKING:
+    from funceng.runner.runner import Runner
+
+
+def _jsonable(value: Any) -> Any:
+    """Config values for checkpoint metadata: classes and functions become their names."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return getattr(value, "__name__", repr(value))
+
+
+class Checkpointer:
+    """Saves to and resumes from ``directory`` (the work_dir, or a `CheckpointHook`'s ``out_dir``)."""
+
+    def __init__(self, runner: Runner, directory: Path):
+        self.runner, self.directory = runner, Path(directory)
+        self.last_checkpoint = runner.work_dir / "last_checkpoint"  # in work_dir, where resume=True looks
+        self.kept: list[str] = []  # rolling checkpoints, oldest first
+        self.best_value: float | None = None
+        self.best_path: str | None = None
+
+    # -- saving ------------------------------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint records beside the state: the loop's position, the hooks' and this manager's
+        bookkeeping, and a summary of the config."""
+        runner = self.runner
+        position = runner.train_loop.position() if runner.train_loop is not None else {}
+        return {
+            **position, "seed": runner.seed,
+            "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(runner.hooks)},
+            "checkpointer": {"kept": self.kept, "best_value": self.best_value, "best_path": self.best_path},
+            "config": _jsonable(runner.config_summary()),
+        }
+
+    def save(self, name: str, update_last: bool = True) -> Path:
+        """Saves the state as ``directory/name`` atomically; ``last_checkpoint`` then names it (unless
+        ``update_last`` is false). A state whose loss became non-finite is never saved: the pending losses are
+        checked first.
+
+        In a data-parallel run every rank holds the same state and rank 0 alone writes it; a sharded state is
+        written by all ranks, each its rows. Either way the checkpoint does not depend on the number of ranks.
+        """
+        runner = self.runner
+        if runner.train_loop is not None:
+            runner.train_loop.check_finite()
+        extra = self.metadata()
+        runner.call_hook("before_save_checkpoint", checkpoint=extra)
+        path = self.directory / name
+        if runner.sharded:
+            checkpoint.save_state(runner.state, path, extra=extra, shards=shard_layout(runner.model, runner.state))
+        elif runner.rank == 0:
+            checkpoint.save_state(runner.state, path, extra=extra)
+        if update_last and runner.rank == 0:
+            fileio.replace_atomically(self.last_checkpoint, str(path).encode())
+        return path
+
+    def save_rolling(self, name: str, max_keep: int) -> Path:
+        """Saves ``name``, then removes the oldest rolling checkpoints beyond ``max_keep`` (``-1``: keep all)."""
+        path = self.save(name)
+        self.kept.append(name)
+        while 0 < max_keep < len(self.kept):
+            self._remove(self.kept.pop(0))
+        return path
+
+    def save_if_best(self, metric: str, value: float, rule: str, name: str) -> bool:
+        """Saves ``name`` (replacing the previous best) if ``value`` of ``metric`` beats the best so far."""
+        if self.best_value is not None and improvement(value, self.best_value, rule) <= 0:
+            return False
+        self.best_value = value
+        self.save(name, update_last=False)
+        if self.best_path and self.best_path != name:
+            self._remove(self.best_path)
+        self.best_path = name
+        return True
+
+    def _remove(self, name: str) -> None:
+        if self.runner.rank == 0:
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    # -- loading -----------------------------------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> tuple[TrainState, dict[str, Any]]:
+        """A checkpoint's state: whole, or this rank's rows of it for a sharded model."""
+        runner = self.runner
+        return checkpoint.load_state(path, shards=checkpoint_shard_layout(runner.model) if runner.sharded else None)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Copies a checkpoint's params and buffers into the runner's state (``load_from``)."""
+        loaded, _ = self.load(path)
+        state = self.runner.state
+        for part in ("params", "buffers"):
+            expected, got = set(state[part].keys()), set(loaded[part].keys())
+            if expected != got:
+                raise CheckpointError(f"load_from={path}: its {part} do not match the model's (missing "
+                                      f"{sorted(expected - got)}, unexpected {sorted(got - expected)})")
+            state[part].update_(loaded[part])
+        self.runner.logger.info(f"Load checkpoint from {path}")
+
+    def resume_candidates(self) -> list[Path]:
+        """``last_checkpoint``'s target first, then every other checkpoint (newest iteration first)."""
+        candidates = [Path(self.last_checkpoint.read_text().strip())] if self.last_checkpoint.exists() else []
+        found = []
+        for folder in dict.fromkeys([self.runner.work_dir, self.directory]):
+            for path in folder.iterdir() if folder.is_dir() else []:
+                if path.is_dir() and not path.name.startswith(".") and (path / "meta.json").exists():
+                    try:
+                        found.append((int(checkpoint.read_meta(path)["extra"].get("iter", -1)), path.name, path))
+                    except (CheckpointError, KeyError, TypeError, ValueError):
+                        found.append((-1, path.name, path))
+        return candidates + [p for _, _, p in sorted(found, reverse=True) if p not in candidates]
+
+    def resume(self, resume_from: bool | str | Path) -> None:
+        """Restores the state, the loop's position, the hooks and this manager from a checkpoint: ``True`` for
+        the newest intact one (rank 0 decides; all ranks must load it), or a path."""
+        runner = self.runner
+        if resume_from is True:
+            candidates = dist.broadcast_object(self.resume_candidates() if runner.rank == 0 else None)
+            if not candidates:
+                runner.logger.info("resume=True but work_dir has no checkpoint: training from scratch.")
+                return
+        else:
+            candidates = [Path(resume_from)]
+        path, loaded, extra = self._first_loadable(candidates)
+        expected, got = tree.flatten(runner.state)[0], tree.flatten(loaded)[0]
+        if expected != got:
+            raise CheckpointError(f"resume={path}: the checkpoint's state does not match this run's model and "
+                                  f"optimizer: {tree.describe_difference(expected, got)}")
+        runner.state.update_(loaded)
+        runner.train_loop.restore(extra)
+        for i, hook in enumerate(runner.hooks):
+            hook_state = extra.get("hooks", {}).get(f"{i}:{type(hook).__name__}")
+            if hook_state:
+                hook.load_state_dict(hook_state)
+        self._restore_bookkeeping(extra)
+        runner.call_hook("after_load_checkpoint", checkpoint=extra)
+        runner.logger.info(f"resumed epoch: {runner.epoch}, iter: {runner.iter} from {path}")
+
+    def _first_loadable(self, candidates: list[Path]) -> tuple[Path, TrainState, dict[str, Any]]:
+        runner = self.runner
+        for i, path in enumerate(candidates):
+            try:
+                loaded, extra = self.load(path)
+                error = None
+            except CheckpointError as exc:
+                error = f"rank {runner.rank}: {exc}" if runner.world_size > 1 else str(exc)
+            failures = [e for e in dist.gather_objects(error) if e]
+            if not failures:
+                return path, loaded, extra
+            if i + 1 == len(candidates):
+                raise CheckpointError("; ".join(failures))
+            runner.logger.warning(f"Cannot resume from {path}: {failures[0]}. Falling back to {candidates[i + 1]}.")
+        raise AssertionError("no candidates")
+
+    def _restore_bookkeeping(self, extra: dict[str, Any]) -> None:
+        saved = extra.get("checkpointer")
+        if saved is None:  # written by funceng 0.1, where CheckpointHook kept this
+            saved = next((v for k, v in extra.get("hooks", {}).items() if k.endswith(":CheckpointHook")), {})
+        self.kept = list(saved.get("kept", []))
+        self.best_value, self.best_path = saved.get("best_value"), saved.get("best_path")

@@ -1,0 +1,143 @@
+"""Data for the Runner: loaders built from MMEngine's dataloader dicts, batches moved to the device, and the
+position in a pass over a loader, restored exactly on resume.
+
+Exact resumption needs a loader to replay an epoch from its start: a shuffling ``DataLoader`` draws its
+permutation (and main-process transforms their randomness) from the global generators when an epoch starts. A
+checkpoint therefore records the generators twice, at the start of the epoch and when it was saved; resuming
+replays the start, skips the batches already trained on at the sampler level (indices only, no data is read),
+then continues with the generators as they were saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.dataloader import default_collate
+
+from funceng import rng, tree
+from funceng.errors import ConfigError, check_keys
+from funceng.registry import Registry
+from funceng.runner.sampler import DefaultSampler, loading_options, shard_loader
+
+
+def _torchvision_dataset(name: str) -> Any:
+    try:
+        import torchvision.datasets
+    except ImportError:  # torchvision is an optional extra
+        return None
+    return getattr(torchvision.datasets, name, None)
+
+
+def pseudo_collate(batch: list) -> list:
+    """MMEngine's ``pseudo_collate``: a batch of samples as one list per field, not stacked into tensors."""
+    return list(zip(*batch))
+
+
+DATASETS = Registry("dataset", fallback=_torchvision_dataset)
+SAMPLERS = Registry("sampler", by_name=True)
+SAMPLERS.register(DefaultSampler)
+COLLATE_FUNCTIONS = Registry("collate function", by_name=True)
+COLLATE_FUNCTIONS.register(default_collate)
+COLLATE_FUNCTIONS.register(pseudo_collate)
+
+
+def build_dataset(cfg: Any, where: str = "dataset") -> Any:
+    """A dataset from ``dict(type=DatasetClass or torchvision name, **kwargs)``; a dataset object passes through."""
+    return DATASETS.build(cfg, where) if isinstance(cfg, Mapping) else cfg
+
+
+def build_dataloader(cfg: Any, name: str, seed: int, train: bool) -> Any:
+    """The loader for ``cfg``, holding this rank's shard in a distributed run.
+
+    A dict builds a ``DataLoader`` whose sampler is a `DefaultSampler`: reshuffled each epoch from
+    ``seed + epoch`` (so the order does not depend on the number of ranks), evaluation loaders unpadded
+    (``round_up=False``). A built loader (any iterable with ``len``) is used as it is, re-sharded if needed.
+    """
+    loader = _from_dict(cfg, name, seed, train) if isinstance(cfg, Mapping) else cfg
+    try:
+        return shard_loader(loader, name, seed, train=train)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
+    cfg = dict(cfg)
+    if "dataset" not in cfg:
+        raise ConfigError(f"{name}: missing 'dataset'")
+    dataset = build_dataset(cfg.pop("dataset"), f"{name}.dataset")
+    sampler = cfg.pop("sampler", None) or {}
+    if isinstance(sampler, Mapping):
+        check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
+        SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
+        shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
+        cfg["sampler"] = DefaultSampler(dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0,
+                                        round_up=sampler.get("round_up", train))
+    else:
+        cfg["sampler"] = sampler
+    cfg.setdefault("pin_memory", torch.cuda.is_available())  # with non_blocking copies: transfers overlap compute
+    collate = cfg.pop("collate_fn", None)
+    if isinstance(collate, Mapping):
+        check_keys(f"{name}.collate_fn", collate, {"type"})
+        collate = COLLATE_FUNCTIONS.resolve(collate.get("type", "default_collate"), f"{name}.collate_fn.type")
+    if collate is not None:
+        cfg["collate_fn"] = collate
+    try:
+        return DataLoader(dataset, **cfg)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it on ``device`` (copied without blocking; pinned loaders overlap)."""
+    return tree.map_tensors(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def is_ragged(loader: Any) -> bool:
+    """Whether a loader's last batch is smaller than the others (so a compiled step must allow any size)."""
+    batch_size = getattr(loader, "batch_size", None)
+    dataset = getattr(loader, "dataset", None)
+    if not batch_size or getattr(loader, "drop_last", False) or not hasattr(dataset, "__len__"):
+        return False
+    return len(dataset) % batch_size != 0
+
+
+class _SkipBatches(Sampler):
+    """A batch sampler that drops its first ``skip`` batches of indices, then calls ``on_skipped``."""
+
+    def __init__(self, batch_sampler: Any, skip: int, on_skipped: Callable[[], None]):
+        self.batch_sampler, self.skip, self.on_skipped = batch_sampler, skip, on_skipped
+
+    def __iter__(self):
+        batches = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            next(batches, None)
+        self.on_skipped()
+        yield from batches
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+
+def resume_position(loader: Any, skip: int, epoch_start: dict, saved: dict) -> tuple[Any, str]:
+    """An iterable over ``loader``'s current epoch from batch ``skip`` on, with the generators as they were saved
+    (``epoch_start`` and ``saved``: `funceng.rng.capture_global` states).
+
+    Returns the iterable and how the batches were skipped. A map-style `DataLoader` skips at the sampler
+    level; any other iterable is read and its first ``skip`` batches discarded.
+    """
+    rng.restore_global(epoch_start, loader)
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None and skip > 0:
+        sampler = _SkipBatches(loader.batch_sampler, skip, lambda: rng.restore_global(saved, loader))
+        return DataLoader(loader.dataset, batch_sampler=sampler, **loading_options(loader)), "sampler"
+
+    def reread():
+        batches = iter(loader)
+        for _ in range(skip):
+            next(batches, None)
+        rng.restore_global(saved, loader)
+        yield from batches
+
+    return reread(), "re-reading"

@@ -1,0 +1,385 @@
+"""The loops a Runner runs, as objects: epoch- and iteration-based training, validation and testing.
+
+`run` decides when to validate, a pass over the train loader wraps a plain ``for`` in hook calls, and
+`TrainLoop.run_iter` is a hook call, ``state, metrics = step(state, batch)``, a hook call. A train loop owns the
+position in the run (epoch, iteration, batches of the current pass, the generators at the start of the pass),
+which checkpoints record and resuming restores exactly, and the stop on a non-finite loss, which no hook can
+switch off.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from funceng import dist, rng
+from funceng.errors import ConfigError, check_keys
+from funceng.evaluator import Evaluator
+from funceng.registry import Registry
+from funceng.runner.data import is_ragged, resume_position, to_device
+from funceng.runner.env import StopSignals
+from funceng.step import EvalStep, TrainStep, make_eval_step
+
+if TYPE_CHECKING:
+    from funceng.runner.runner import Runner
+
+LOOPS = Registry("loop", by_name=True)
+
+
+class IterTimer:
+    """``time`` (a whole iteration, loading included) and ``data_time`` (the wait for its batch), written into
+    ``runner.timing`` as MMEngine's IterTimerHook does."""
+
+    def __init__(self, timing: dict[str, float]):
+        self.timing = timing
+        self._tick = time.perf_counter()
+
+    def batches(self, loader: Iterable, start: int = 0) -> Iterable[tuple[int, Any]]:
+        """``(index, batch)`` pairs of ``loader``, numbered from ``start``, timing the wait for each."""
+        self._tick = time.perf_counter()
+        for index, batch in enumerate(loader, start):
+            self.timing["data_time"] = time.perf_counter() - self._tick
+            yield index, batch
+
+    def end_iter(self) -> None:
+        now = time.perf_counter()
+        self.timing["time"] = now - self._tick
+        self._tick = now
+
+
+class NonFiniteLossCheck:
+    """Stops a run whose loss became NaN or infinite, naming the first such iteration.
+
+    Losses are read ``lag`` iterations late (0 on the CPU, 2 on CUDA), from host copies started right after
+    each step, so checking never stalls the device; every rank reads the same (averaged) loss at the same
+    iteration, so all stop together. `check` reads everything pending: the loop calls it before a checkpoint,
+    a validation and the end of training, so no non-finite state is ever saved or evaluated.
+    """
+
+    def __init__(self, describe: Callable[[int], str], lag: int):
+        self.describe, self.lag = describe, lag
+        self.pending: collections.deque = collections.deque()
+
+    def record(self, iteration: int, loss: torch.Tensor) -> None:
+        if loss.is_cuda:
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True).copy_(loss, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = loss, None
+        self.pending.append((iteration, host, ready))
+        while len(self.pending) > self.lag:
+            self._check_oldest()
+
+    def check(self) -> None:
+        while self.pending:
+            self._check_oldest()
+
+    def _check_oldest(self) -> None:
+        iteration, host, ready = self.pending.popleft()
+        if ready is not None:
+            ready.synchronize()
+        value = float(host)
+        if not math.isfinite(value):
+            self.pending.clear()
+            raise FloatingPointError(
+                f"the loss became {value} at iteration {iteration} ({self.describe(iteration)}); training stopped. "
+                "Lower the learning rate, clip gradients (optim_wrapper.clip_grad) or check the data."
+            )
+
+
+class TrainLoop:
+    """What epoch- and iteration-based training share: the position in the run and the iteration itself."""
+
+    by_epoch: bool
+
+    def __init__(self, runner: Runner, dataloader: Any, val_begin: int, val_interval: int):
+        self.runner, self.dataloader = runner, dataloader
+        self.val_begin, self.val_interval = val_begin, val_interval
+        self.epoch = self.iter = 0
+        self.batches_done = 0  # batches of the current pass over the loader already trained on
+        self.stop_training = False
+        self.timer = IterTimer(runner.timing)
+        self.train_step: TrainStep | None = None  # built by the Runner with the optimizer
+        self.nonfinite: NonFiniteLossCheck | None = None
+        self.signals: StopSignals | None = None
+        self._epoch_start_rng: dict[str, Any] = {}
+        self._resume_point: dict[str, Any] | None = None
+
+    @property
+    def max_iters(self) -> int:
+        raise NotImplementedError
+
+    def describe(self, iteration: int) -> str:
+        return f"iteration {iteration} of {self.max_iters}"
+
+    def run(self) -> torch.nn.Module:
+        """Trains to the end (or a stop), validating on schedule; returns the trained model."""
+        runner = self.runner
+        if self.dataloader is None:
+            raise ConfigError("train() needs a train_dataloader")
+        lag = 2 if runner.device.type == "cuda" else 0
+        self.nonfinite = NonFiniteLossCheck(self.describe, lag)
+        runner.call_hook("before_run")
+        runner.call_hook("before_train")
+        with StopSignals(runner.world_size) as self.signals:
+            try:
+                self.run_loop()
+                self.check_finite()
+            finally:
+                runner.sync_model()
+        runner.call_hook("after_train")
+        runner.call_hook("after_run")
+        return runner.model
+
+    def run_loop(self) -> None:
+        raise NotImplementedError
+
+    def run_iter(self, batch_idx: int, batch: Any) -> None:
+        """One iteration: hooks, the pure step, hooks; then a stop signal is honoured."""
+        runner = self.runner
+        runner.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
+        with dist.naming_collective_failures(f"the train step at iteration {self.iter + 1} "
+                                             f"({self.describe(self.iter + 1)})"):
+            runner.state, metrics = self.train_step(runner.state, to_device(batch, runner.device))
+        self.iter += 1
+        self.batches_done = batch_idx + 1
+        self.nonfinite.record(self.iter, metrics["loss"])
+        self.timer.end_iter()
+        runner.call_hook("after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
+        signum = self.signals.received()
+        if signum is not None:
+            self._checkpoint_and_exit(signum)
+
+    def _checkpoint_and_exit(self, signum: int) -> None:
+        """After SIGTERM / SIGINT: saves ``iter_N``, waits for every rank to have done so, and exits."""
+        runner = self.runner
+        path = runner.save_checkpoint(f"iter_{self.iter}")
+        dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
+        runner.logger.info(f"Received {signal.Signals(signum).name}: saved checkpoint {path} at iteration "
+                           f"{self.iter}; resume with resume=True. Exiting.")
+        runner.sync_model()
+        raise SystemExit(128 + signum)
+
+    def check_finite(self) -> None:
+        """Raises if a loss recorded so far is non-finite (reads every pending one)."""
+        if self.nonfinite is not None:
+            self.nonfinite.check()
+
+    def validate_if_due(self, count: int, last: int) -> None:
+        """Validates after ``count`` epochs or iterations (of ``last``) when ``val_interval`` says so."""
+        if self.runner.val_loop is not None and count >= self.val_begin and (
+                count % self.val_interval == 0 or count == last):
+            self.check_finite()
+            self.runner.val_loop.run()
+
+    def train_pass(self) -> Iterable[tuple[int, Any]]:
+        """``(batch_idx, batch)`` over one pass of the loader; after a resume, from the saved position."""
+        loader, point = self.dataloader, self._resume_point
+        self._resume_point = None
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # DefaultSampler, DistributedSampler
+            loader.sampler.set_epoch(self.epoch if self.by_epoch else self.iter // len(loader))
+        if point is None:
+            self._epoch_start_rng = rng.capture_global(loader)
+            return self.timer.batches(loader)
+        if point["batch"] == 0:
+            rng.restore_global(point["rng"], loader)
+            self._epoch_start_rng = point["rng"]
+            return self.timer.batches(loader)
+        self._epoch_start_rng = point["rng_epoch_start"]
+        source, how = resume_position(loader, point["batch"], point["rng_epoch_start"], point["rng"])
+        self.runner.logger.info(f"Resuming the data loader at batch {point['batch']} of {len(loader)} "
+                                f"(skipped by {how})")
+        return self.timer.batches(source, start=point["batch"])
+
+    # -- the position, for checkpoints ----------------------------------------------------------------------------
+
+    def global_batch_size(self) -> int:
+        return (getattr(self.dataloader, "batch_size", None) or 0) * self.runner.world_size
+
+    def position(self) -> dict[str, Any]:
+        """Where the run stands, JSON-serialisable: what a checkpoint needs to resume it exactly."""
+        return {
+            "epoch": self.epoch, "iter": self.iter, "batch": self.batches_done, "by_epoch": self.by_epoch,
+            "world_size": self.runner.world_size, "samples": self.batches_done * self.global_batch_size(),
+            "rng": rng.capture_global(self.dataloader), "rng_epoch_start": self._epoch_start_rng,
+        }
+
+    def restore(self, position: Mapping[str, Any]) -> None:
+        """Continues from a `position` of this run, possibly written by a different number of ranks."""
+        self.epoch, self.iter = int(position["epoch"]), int(position["iter"])
+        self.batches_done = self._resumed_batches(position)
+        self._resume_point = {"batch": self.batches_done, "rng": position["rng"],
+                              "rng_epoch_start": position.get("rng_epoch_start") or position["rng"]}
+
+    def _resumed_batches(self, position: Mapping[str, Any]) -> int:
+        """Batches of the current pass already trained on, for this run's ranks: a checkpoint records how many
+        samples of the pass were consumed, so a run may resume on a different number of ranks."""
+        batches = int(position.get("batch", 0))
+        saved_world, samples = position.get("world_size", 1), position.get("samples")
+        per_step = self.global_batch_size()
+        if saved_world == self.runner.world_size or not samples or not per_step:
+            return batches
+        if samples % per_step:
+            self.runner.logger.warning(
+                f"The checkpoint was written by {saved_world} ranks after {samples} samples of the epoch, which is "
+                f"not a whole number of this run's global batches ({per_step}); resuming at batch "
+                f"{samples // per_step}, so the rest of this epoch's data differs from the original run.")
+        else:
+            self.runner.logger.info(f"Resuming a {saved_world}-rank run on {self.runner.world_size} rank(s) at "
+                                    f"sample {samples} of the epoch.")
+        return samples // per_step
+
+
+@LOOPS.register
+class EpochBasedTrainLoop(TrainLoop):
+    """Trains for ``max_epochs`` passes over the loader, validating every ``val_interval`` epochs."""
+
+    by_epoch = True
+
+    def __init__(self, runner: Runner, dataloader: Any, max_epochs: int, val_begin: int = 1, val_interval: int = 1):
+        super().__init__(runner, dataloader, val_begin, val_interval)
+        self.max_epochs = max_epochs
+
+    @property
+    def max_iters(self) -> int:
+        return self.max_epochs * len(self.dataloader)
+
+    def describe(self, iteration: int) -> str:
+        per_epoch = len(self.dataloader)
+        return f"epoch {(iteration - 1) // per_epoch + 1}, batch {(iteration - 1) % per_epoch + 1}"
+
+    def run_loop(self) -> None:
+        while self.epoch < self.max_epochs and not self.stop_training:
+            self.runner.call_hook("before_train_epoch")
+            for batch_idx, batch in self.train_pass():
+                self.run_iter(batch_idx, batch)
+                if self.stop_training:
+                    break
+            else:
+                self.check_finite()
+                self.batches_done = 0
+                self.epoch += 1
+                self.runner.call_hook("after_train_epoch")
+            if self.stop_training:
+                break
+            self.validate_if_due(self.epoch, self.max_epochs)
+
+
+@LOOPS.register
+class IterBasedTrainLoop(TrainLoop):
+    """Trains for ``max_iters`` iterations, passing over the loader as often as needed, validating every
+    ``val_interval`` iterations."""
+
+    by_epoch = False
+
+    def __init__(self, runner: Runner, dataloader: Any, max_iters: int, val_begin: int = 1, val_interval: int = 1000):
+        super().__init__(runner, dataloader, val_begin, val_interval)
+        self._max_iters = max_iters
+
+    @property
+    def max_iters(self) -> int:
+        return self._max_iters
+
+    def run_loop(self) -> None:
+        self.runner.call_hook("before_train_epoch")
+        while self.iter < self.max_iters and not self.stop_training:
+            for batch_idx, batch in self.train_pass():
+                self.run_iter(batch_idx, batch)
+                self.validate_if_due(self.iter, self.max_iters)
+                if self.iter >= self.max_iters or self.stop_training:
+                    break
+            else:
+                self.batches_done = 0
+        self.runner.call_hook("after_train_epoch")
+
+
+def build_train_loop(runner: Runner, train_cfg: Mapping[str, Any], dataloader: Any) -> TrainLoop:
+    """The train loop ``train_cfg`` describes: ``by_epoch=True`` (or ``type="EpochBasedTrainLoop"``) with
+    ``max_epochs``, or ``by_epoch=False`` (or ``type="IterBasedTrainLoop"``) with ``max_iters``; typos and a
+    missing length are errors."""
+    cfg = dict(train_cfg)
+    check_keys("train_cfg", cfg, {"type", "by_epoch", "max_epochs", "max_iters", "val_interval", "val_begin"})
+    loop = LOOPS.resolve(cfg.pop("type"), "train_cfg.type") if "type" in cfg else None
+    if loop is not None and not issubclass(loop, TrainLoop):
+        raise ConfigError(f"train_cfg.type: {loop.__name__} is not a train loop")
+    by_epoch = cfg.pop("by_epoch", loop.by_epoch if loop is not None else True)
+    if loop is not None and loop.by_epoch != by_epoch:
+        raise ConfigError(f"train_cfg: type={loop.__name__} contradicts by_epoch={by_epoch}")
+    if loop is None:
+        loop = EpochBasedTrainLoop if by_epoch else IterBasedTrainLoop
+    needed, other = ("max_epochs", "max_iters") if by_epoch else ("max_iters", "max_epochs")
+    if needed not in cfg:
+        raise ConfigError(f"train_cfg: by_epoch={by_epoch} needs {needed!r} (got keys {sorted(train_cfg)})")
+    if other in cfg:
+        raise ConfigError(f"train_cfg: by_epoch={by_epoch} counts {needed!r}; remove {other!r}")
+    if not isinstance(cfg[needed], int) or cfg[needed] < 1:
+        raise ConfigError(f"train_cfg.{needed} must be a positive int, got {cfg[needed]!r}")
+    return loop(runner, dataloader, **cfg)
+
+
+class EvalLoop:
+    """One pass of the eval step over a loader, feeding the outputs to the metrics (``mode``: val or test).
+    ``fp16=True`` (MMEngine's ValLoop option) runs the forward pass under float16 autocast."""
+
+    def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, mode: str, fp16: bool = False):
+        self.runner, self.dataloader, self.evaluator, self.mode = runner, dataloader, evaluator, mode
+        self.amp = "fp16" if fp16 else None
+        self.timer = IterTimer(runner.timing)
+        self.eval_step: EvalStep | None = None
+
+    def run(self) -> dict[str, Any]:
+        """Evaluates the current state; returns the metrics."""
+        runner, mode = self.runner, self.mode
+        if self.eval_step is None:
+            self.eval_step = make_eval_step(runner.model, compile=runner.compile, amp=self.amp,
+                                            dynamic_batch=is_ragged(self.dataloader))
+        runner.call_hook(f"before_{mode}")
+        runner.call_hook(f"before_{mode}_epoch")
+        state = runner.eval_state()
+        train_loader = runner.train_loop.dataloader if runner.train_loop is not None else None
+        with rng.forked_global(train_loader):  # evaluating must not change the next epoch's shuffle
+            for batch_idx, batch in self.timer.batches(self.dataloader):
+                runner.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
+                outputs = self.eval_step(state, to_device(batch, runner.device))
+                self.evaluator.process(data_samples=outputs, data_batch=batch)
+                self.timer.end_iter()
+                runner.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
+        size = len(self.dataloader.dataset) if hasattr(self.dataloader, "dataset") else len(self.dataloader)
+        with dist.naming_collective_failures(f"gathering the {mode} results"):
+            metrics = self.evaluator.evaluate(size)
+        runner.last_metrics = metrics
+        runner.call_hook(f"after_{mode}_epoch", metrics=metrics)
+        runner.call_hook(f"after_{mode}")
+        runner.sync_model()
+        return metrics
+
+
+@LOOPS.register
+class ValLoop(EvalLoop):
+    def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, fp16: bool = False):
+        super().__init__(runner, dataloader, evaluator, "val", fp16)
+
+
+@LOOPS.register
+class TestLoop(EvalLoop):
+    def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, fp16: bool = False):
+        super().__init__(runner, dataloader, evaluator, "test", fp16)
+
+
+def build_eval_loop(runner: Runner, mode: str, cfg: Mapping[str, Any] | None, dataloader: Any,
+                    metrics: Any) -> EvalLoop | None:
+    """The ``val_cfg`` / ``test_cfg`` loop (``type``: ``"ValLoop"`` / ``"TestLoop"``; ``fp16``) over
+    ``dataloader`` with ``metrics`` (``{mode}_evaluator``); ``None`` without a loader."""
+    if dataloader is None:
+        return None
+    evaluator = Evaluator(metrics, f"{mode}_evaluator")
+    default = ValLoop if mode == "val" else TestLoop
+    return LOOPS.build(dict(cfg or {}), f"{mode}_cfg", default_type=default, runner=runner, dataloader=dataloader,
+                       evaluator=evaluator)
