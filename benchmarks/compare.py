@@ -48,6 +48,7 @@ LR, MOMENTUM = 0.01, 0.9
 
 # -- the worker side ------------------------------------------------------------------------------------------------
 
+
 class _Stop(Exception):
     """Raised from inside a trainer's loop to end the run."""
 
@@ -141,11 +142,14 @@ def _mmengine(model, batches, ctl, device, amp, work_dir):
     wrapped, controller = _mmengine_style(BaseModel, Hook, model, ctl)
     wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16") if amp else dict(type="OptimWrapper")
     runner = Runner(
-        model=wrapped, work_dir=work_dir, train_dataloader=_dataloader(batches),
+        model=wrapped,
+        work_dir=work_dir,
+        train_dataloader=_dataloader(batches),
         optim_wrapper=dict(**wrapper, optimizer=dict(type="SGD", lr=LR, momentum=MOMENTUM)),
         train_cfg=dict(by_epoch=True, max_epochs=10**6),
         default_hooks=dict(checkpoint=None, sampler_seed=None, logger=dict(type="LoggerHook", interval=10**9)),
-        custom_hooks=[controller], log_level="WARNING",
+        custom_hooks=[controller],
+        log_level="WARNING",
     )
     runner.train()
 
@@ -171,10 +175,17 @@ def _lightning(model, batches, ctl, device, amp, work_dir):
             ctl.after_step()
 
     trainer = lightning.Trainer(
-        accelerator=device.type if device.type == "cuda" else "cpu", devices=1, max_epochs=-1,
-        precision="bf16-mixed" if amp else "32-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[ControllerCallback()],
-        default_root_dir=work_dir, num_sanity_val_steps=0,
+        accelerator=device.type if device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=-1,
+        precision="bf16-mixed" if amp else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ControllerCallback()],
+        default_root_dir=work_dir,
+        num_sanity_val_steps=0,
     )
     trainer.fit(Module(), _dataloader(batches))
 
@@ -188,11 +199,16 @@ def _funceng(model, batches, ctl, device, amp, work_dir, compile):
     wrapped, controller = _mmengine_style(BaseModel, Hook, model, ctl)
     wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16") if amp else {}
     runner = Runner(
-        model=wrapped, work_dir=work_dir, train_dataloader=_dataloader(batches),
+        model=wrapped,
+        work_dir=work_dir,
+        train_dataloader=_dataloader(batches),
         optim_wrapper=dict(**wrapper, optimizer=dict(type="SGD", lr=LR, momentum=MOMENTUM)),
-        train_cfg=dict(by_epoch=True, max_epochs=10**6), compile=compile, log_level="WARNING",
+        train_cfg=dict(by_epoch=True, max_epochs=10**6),
+        compile=compile,
+        log_level="WARNING",
         default_hooks=dict(checkpoint=None, logger=dict(interval=10**9, progress=False)),
-        custom_hooks=[controller], randomness=dict(seed=0),
+        custom_hooks=[controller],
+        randomness=dict(seed=0),
     )
     runner.logger.setLevel(logging.WARNING)
     runner.train()
@@ -234,6 +250,7 @@ def _worker(system: str, workload_name: str, batch_size: int, steps: int, cache_
 
 # -- the parent side ------------------------------------------------------------------------------------------------
 
+
 def _unavailable(system: str, workload: str, cuda: bool) -> str | None:
     import importlib.util
 
@@ -274,10 +291,15 @@ def run_suite(workloads: list[str], systems: list[str], windows: int, steps: int
     ctx = mp.get_context("spawn")
     cuda = torch.cuda.is_available()
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                             f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "windows": windows, "steps": steps,
-        "quick": quick, "workloads": {},
+        "device": torch.cuda.get_device_name(0)
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "windows": windows,
+        "steps": steps,
+        "quick": quick,
+        "workloads": {},
     }
     for name in workloads:
         workload = WORKLOADS[name]
@@ -301,7 +323,7 @@ def run_suite(workloads: list[str], systems: list[str], windows: int, steps: int
             print(f"  {name}: {SYSTEMS[system]} ready after {first:.1f} s", file=sys.stderr, flush=True)
         order = list(live)
         for window in range(windows + 1):  # the first window is a warm-up
-            for system in order[window % len(order):] + order[: window % len(order)]:
+            for system in order[window % len(order) :] + order[: window % len(order)]:
                 kind, seconds = live[system].ask("window")
                 if window:
                     rows[system]["windows_s"].append(seconds)
@@ -321,13 +343,19 @@ def run_suite(workloads: list[str], systems: list[str], windows: int, steps: int
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Device: {results['device']}, torch {results['torch']}, {results['date']}; median of "
-             f"{results['windows']} windows of {results['steps']} steps" + (" (--quick)" if results["quick"] else "")]
+    lines = [
+        f"Device: {results['device']}, torch {results['torch']}, {results['date']}; median of "
+        f"{results['windows']} windows of {results['steps']} steps" + (" (--quick)" if results["quick"] else "")
+    ]
     memory = "peak CUDA memory (MB)" if "CPU" not in results["device"] else "peak RSS above baseline (MB)"
     for name, workload in results["workloads"].items():
-        lines += ["", f"**{name}** (batch {workload['batch_size']})", "",
-                  f"| system | steps/s | vs (a) | first step: cold / warm cache (s) | {memory} |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"**{name}** (batch {workload['batch_size']})",
+            "",
+            f"| system | steps/s | vs (a) | first step: cold / warm cache (s) | {memory} |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for key, row in workload["rows"].items():
             label = f"({key}) {row['system']}"
             if "skipped" in row:
@@ -336,8 +364,10 @@ def markdown(results: dict[str, Any]) -> str:
             first = f"{row['first_step_s']:.1f}"
             if "first_step_warm_s" in row:
                 first += f" / {row['first_step_warm_s']:.1f}"
-            lines.append(f"| {label} | {row['steps_per_s']:.1f} | {row.get('vs_a', float('nan')):.2f}x | {first} | "
-                         f"{row['peak_memory_mb']:.0f} |")
+            lines.append(
+                f"| {label} | {row['steps_per_s']:.1f} | {row.get('vs_a', float('nan')):.2f}x | {first} | "
+                f"{row['peak_memory_mb']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -352,11 +382,13 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
     """Replaces this device kind's section (CPU or CUDA) of the results file, keeping the other one."""
     kind = "cpu" if results["device"].startswith("CPU") else "cuda"
     text = path.read_text() if path.exists() else RESULTS_HEADER
-    section = (f"<!-- {kind} -->\n## {'CPU' if kind == 'cpu' else 'CUDA'}\n\nCommand: `{command}`\n\n"
-               f"{markdown(results)}\n<!-- /{kind} -->")
+    section = (
+        f"<!-- {kind} -->\n## {'CPU' if kind == 'cpu' else 'CUDA'}\n\nCommand: `{command}`\n\n"
+        f"{markdown(results)}\n<!-- /{kind} -->"
+    )
     start, end = text.find(f"<!-- {kind} -->"), text.find(f"<!-- /{kind} -->")
     if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(f"<!-- /{kind} -->"):]
+        text = text[:start] + section + text[end + len(f"<!-- /{kind} -->") :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
@@ -369,8 +401,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per window (default 20, quick 10)")
     parser.add_argument("--quick", action="store_true", help="small batches and few windows: minutes on 2 CPU cores")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--results", type=Path, help="update this device's section of a results file "
-                                                     "(benchmarks/RESULTS.md)")
+    parser.add_argument(
+        "--results", type=Path, help="update this device's section of a results file (benchmarks/RESULTS.md)"
+    )
 
 
 def run(args: argparse.Namespace, command_line: str) -> None:

@@ -18,7 +18,6 @@ import time
 import torch
 import torch.distributed as torch_dist
 from torch import nn
-from workloads import WORKLOADS, make_batches
 
 import funceng
 from funceng import dist
@@ -26,6 +25,7 @@ from funceng.sharding import fully_shard_model
 from funceng.tree import flatten
 
 from step_overhead import FuncengLoop, PlainLoop  # benchmarks/ is the script's folder, hence on sys.path
+from workloads import WORKLOADS, make_batches
 
 LABELS = {"mlp": "mlp 64-256-256-10", "gpt": "gpt 2 layers, dim 128, context 64"}
 
@@ -101,9 +101,11 @@ def main() -> None:
     dist.init_distributed()
     rank0 = dist.get_rank() == 0
     if rank0:
-        print(f"torch {torch.__version__}, {dist.get_world_size()} ranks ({torch_dist.get_backend()}), "
-              f"{torch.get_num_threads()} threads per rank, batch {args.batch_size} per rank, funceng "
-              f"{funceng.__version__}")
+        print(
+            f"torch {torch.__version__}, {dist.get_world_size()} ranks ({torch_dist.get_backend()}), "
+            f"{torch.get_num_threads()} threads per rank, batch {args.batch_size} per rank, funceng "
+            f"{funceng.__version__}"
+        )
         print("| workload | system | step time (ms) | vs DDP | state per rank (KiB) |")
         print("|---|---|---:|---:|---:|")
     for workload in args.workloads:

@@ -59,9 +59,14 @@ def hand_loop() -> float:
 def runner_epoch(checkpoint: bool) -> float:
     with tempfile.TemporaryDirectory() as work_dir:
         runner = Runner(
-            model=Net(), work_dir=work_dir, train_dataloader=data(), train_cfg=dict(by_epoch=True, max_epochs=1),
-            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)), randomness=dict(seed=0),
-            default_hooks=dict(checkpoint={} if checkpoint else None), log_level="WARNING",
+            model=Net(),
+            work_dir=work_dir,
+            train_dataloader=data(),
+            train_cfg=dict(by_epoch=True, max_epochs=1),
+            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)),
+            randomness=dict(seed=0),
+            default_hooks=dict(checkpoint={} if checkpoint else None),
+            log_level="WARNING",
         )
         start = time.perf_counter()
         runner.train()
@@ -72,8 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    systems = {"hand-written loop": hand_loop, "Runner, no checkpoint": lambda: runner_epoch(False),
-               "Runner, checkpoint each epoch": lambda: runner_epoch(True)}
+    systems = {
+        "hand-written loop": hand_loop,
+        "Runner, no checkpoint": lambda: runner_epoch(False),
+        "Runner, checkpoint each epoch": lambda: runner_epoch(True),
+    }
     for run in systems.values():
         run()
     times = {name: [] for name in systems}

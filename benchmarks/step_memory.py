@@ -62,8 +62,11 @@ def _worker(workload: str, optimizer: str, system: str) -> None:
     model = spec.build()
     loss_fn = lambda m, b: workload_loss(m(b[0]), b[1])  # noqa: E731
     if system == "torch.optim eager":
-        opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if optimizer == "sgd"
-               else torch.optim.AdamW(model.parameters(), lr=1e-3))
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            if optimizer == "sgd"
+            else torch.optim.AdamW(model.parameters(), lr=1e-3)
+        )
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -99,16 +102,20 @@ def main() -> None:
         for optimizer in args.optimizers:
             base = None
             for system in ("torch.optim eager", "funceng eager"):
-                done = subprocess.run([sys.executable, __file__, "--worker", workload, optimizer, system],
-                                      capture_output=True, text=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--worker", workload, optimizer, system], capture_output=True, text=True
+                )
                 if done.returncode:
                     raise RuntimeError(f"{workload}/{optimizer}/{system} failed ({done.returncode}):\n{done.stderr}")
                 persistent, transient = json.loads(done.stdout.strip().splitlines()[-1])
                 peak = persistent + transient
                 base = base or peak
-                print(f"| {workload} (batch {WORKLOADS[workload].batch_size}) | {optimizer} | {system} | "
-                      f"{persistent / 2**20:.1f} | {transient / 2**20:.1f} | {peak / 2**20:.1f} | "
-                      f"{peak / base:.2f}x |", flush=True)
+                print(
+                    f"| {workload} (batch {WORKLOADS[workload].batch_size}) | {optimizer} | {system} | "
+                    f"{persistent / 2**20:.1f} | {transient / 2**20:.1f} | {peak / 2**20:.1f} | "
+                    f"{peak / base:.2f}x |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

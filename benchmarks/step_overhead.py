@@ -14,10 +14,11 @@ import time
 
 import torch
 from torch import nn
-from workloads import WORKLOADS, make_batches, workload_loss
 
 import funceng
 from funceng import optim
+
+from workloads import WORKLOADS, make_batches, workload_loss
 
 # The comparison suite's models, as labelled in the table.
 LABELS = {"mlp": "mlp 64-256-256-10, batch 128", "cnn": "small cnn 32x32, batch 32"}

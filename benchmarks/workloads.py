@@ -24,9 +24,16 @@ def cnn():
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
     )
 
 
@@ -52,8 +59,9 @@ def gpt():
         def forward(self, x):
             b, t, c = x.shape
             q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).unbind(2)
-            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True)
+            att = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            )
             x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
             return x + self.mlp(self.ln2(x))
 
@@ -100,8 +108,12 @@ def make_batches(workload: Workload, batch_size: int, count: int = DISTINCT_BATC
             seq = torch.randint(0, workload.classes, (batch_size, workload.input_shape[0] + 1), generator=gen)
             out.append((seq[:, :-1], seq[:, 1:]))
         else:
-            out.append((torch.randn(batch_size, *workload.input_shape, generator=gen),
-                        torch.randint(0, workload.classes, (batch_size,), generator=gen)))
+            out.append(
+                (
+                    torch.randn(batch_size, *workload.input_shape, generator=gen),
+                    torch.randint(0, workload.classes, (batch_size,), generator=gen),
+                )
+            )
     return out
 
 

@@ -43,9 +43,16 @@ class DigitsCNN(BaseModel):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 4 * 4, 10))
 
@@ -81,10 +88,14 @@ def main() -> None:
         train_dataloader=DataLoader(DigitsDataset("train"), batch_size=32, shuffle=True),
         val_dataloader=DataLoader(DigitsDataset("val"), batch_size=64),
         val_evaluator=dict(type=Accuracy),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
-                           paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0)),
-        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=40),
-                         dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=args.epochs)],
+        optim_wrapper=dict(
+            optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
+            paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0),
+        ),
+        param_scheduler=[
+            dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=40),
+            dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=args.epochs),
+        ],
         train_cfg=dict(by_epoch=True, max_epochs=args.epochs, val_interval=1),
         default_hooks=dict(logger=dict(interval=10), checkpoint=dict(interval=5, save_best="accuracy")),
         visualizer=dict(vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]),

@@ -1,6 +1,6 @@
 """The functional API by hand: train an MLP on scikit-learn's bundled handwritten digits (no download).
 
-    python examples/functional_mlp.py [--compile]
+python examples/functional_mlp.py [--compile]
 """
 
 import argparse

@@ -36,10 +36,21 @@ from funceng.state import TrainState
 from funceng.version import __version__
 
 FORMAT = "funceng.checkpoint/1"
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool,
-)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream; a zip archive (torch.save)
 
 
@@ -55,8 +66,13 @@ def _dtype_name(leaf: torch.Tensor) -> str:
     return dtype
 
 
-def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, Any] | None = None,
-               shards: ShardLayout | None = None) -> Path:
+def save_state(
+    state: TrainState,
+    path: str | os.PathLike,
+    *,
+    extra: dict[str, Any] | None = None,
+    shards: ShardLayout | None = None,
+) -> Path:
     """Writes ``state`` (and JSON-serialisable ``extra``) to the checkpoint directory ``path``, atomically.
 
     With ``shards`` (a sharded state, `funceng.sharding.shard_layout`) every rank must call this: each writes
@@ -79,13 +95,25 @@ def save_state(state: TrainState, path: str | os.PathLike, *, extra: dict[str, A
         if shard is None or shard.shape[0] == 0:  # unsharded (or empty: no rank holds a row of it)
             if writer:
                 file = f"tensors/{i}.bin"
-                entries[i] = {"file": file, "dtype": _dtype_name(leaf), "shape": list(leaf.shape),
-                              "sha256": fileio.write_durably(tmp / file, _tensor_bytes(leaf))}
+                entries[i] = {
+                    "file": file,
+                    "dtype": _dtype_name(leaf),
+                    "shape": list(leaf.shape),
+                    "sha256": fileio.write_durably(tmp / file, _tensor_bytes(leaf)),
+                }
         elif shard.rows:
             file = f"tensors/{i}.{shard.start}.bin"
-            entries[i] = {"dtype": _dtype_name(leaf), "shape": list(shard.shape), "pieces": [{
-                "file": file, "rows": [shard.start, shard.start + shard.rows],
-                "sha256": fileio.write_durably(tmp / file, _tensor_bytes(leaf))}]}
+            entries[i] = {
+                "dtype": _dtype_name(leaf),
+                "shape": list(shard.shape),
+                "pieces": [
+                    {
+                        "file": file,
+                        "rows": [shard.start, shard.start + shard.rows],
+                        "sha256": fileio.write_durably(tmp / file, _tensor_bytes(leaf)),
+                    }
+                ],
+            }
     if sharded:
         gathered = dist.gather_objects(entries)
         entries = {}
@@ -168,7 +196,7 @@ def _read_rows(path: Path, entry: dict, dtype: torch.dtype, rows: tuple[int, int
     """Rows ``[start, stop)`` of a leaf, from whichever files hold them (one whole file, or sharded pieces)."""
     shape = entry["shape"]
     if "pieces" not in entry:
-        return _read(path / entry["file"], entry["sha256"], shape, dtype, verify)[rows[0]: rows[1]]
+        return _read(path / entry["file"], entry["sha256"], shape, dtype, verify)[rows[0] : rows[1]]
     parts, covered = [], rows[0]
     for piece in entry["pieces"]:
         first, last = piece["rows"]
@@ -177,15 +205,16 @@ def _read_rows(path: Path, entry: dict, dtype: torch.dtype, rows: tuple[int, int
         if first > covered:
             break
         data = _read(path / piece["file"], piece["sha256"], [last - first, *shape[1:]], dtype, verify)
-        parts.append(data[max(rows[0], first) - first: min(rows[1], last) - first])
+        parts.append(data[max(rows[0], first) - first : min(rows[1], last) - first])
         covered = min(rows[1], last)
     if covered < rows[1]:
         raise CheckpointError(f"{path}: the pieces of a sharded tensor do not cover rows {covered}..{rows[1]}")
     return torch.cat(parts) if parts else torch.empty([0, *shape[1:]], dtype=dtype)
 
 
-def load_state(path: str | os.PathLike, *, verify: bool = True,
-               shards: Callable[[dict, list], ShardLayout] | None = None) -> tuple[TrainState, dict[str, Any]]:
+def load_state(
+    path: str | os.PathLike, *, verify: bool = True, shards: Callable[[dict, list], ShardLayout] | None = None
+) -> tuple[TrainState, dict[str, Any]]:
     """``(state, extra)`` from a checkpoint directory; ``verify`` checks every tensor file's sha256.
 
     ``shards`` (for a sharded model, `funceng.sharding.checkpoint_shard_layout`) maps the checkpoint's structure

@@ -28,11 +28,17 @@ def inspect_checkpoint(path: str, out=None) -> int:
     except CheckpointError as exc:
         state, verdict, status = None, f"CORRUPT: {exc}", 1
     print(f"checkpoint: {path}", file=out)
-    print(f"format: {meta['format']}  written by funceng {meta['versions']['funceng']}, "
-          f"torch {meta['versions']['torch']}", file=out)
+    print(
+        f"format: {meta['format']}  written by funceng {meta['versions']['funceng']}, "
+        f"torch {meta['versions']['torch']}",
+        file=out,
+    )
     step = int(state["step"]) if state is not None else "?"
-    print(f"step: {step}  epoch: {extra.get('epoch')}  iter: {extra.get('iter')}  "
-          f"batch in epoch: {extra.get('batch')}  seed: {extra.get('seed')}", file=out)
+    print(
+        f"step: {step}  epoch: {extra.get('epoch')}  iter: {extra.get('iter')}  "
+        f"batch in epoch: {extra.get('batch')}  seed: {extra.get('seed')}",
+        file=out,
+    )
     print("tensors:", file=out)
     for name, entry in zip(tree.leaf_paths(meta["structure"]), meta["tensors"]):
         print(f"  {name:<60} {str(tuple(entry['shape'])):<20} {entry['dtype']}", file=out)
@@ -92,9 +98,11 @@ def plot(args: argparse.Namespace) -> int:
 def bench(argv: list[str]) -> int:
     """Runs the comparison suite of a source checkout's ``benchmarks/`` (imported only now)."""
     if not (BENCHMARKS / "compare.py").is_file():
-        print(f"funceng bench: the benchmark suite is not here ({BENCHMARKS}/compare.py): it lives in the "
-              "repository's benchmarks/ folder, not in the installed package; run it from a source checkout",
-              file=sys.stderr)
+        print(
+            f"funceng bench: the benchmark suite is not here ({BENCHMARKS}/compare.py): it lives in the "
+            "repository's benchmarks/ folder, not in the installed package; run it from a source checkout",
+            file=sys.stderr,
+        )
         return 2
     sys.path.insert(0, str(BENCHMARKS))
     import compare
@@ -110,11 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument("config", help="a Python file of top-level variables (model, train_dataloader, ...)")
         sub.add_argument("--work-dir", help="default: the config's work_dir, else work_dirs/<config name>")
-        sub.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
-                         help="override config values, e.g. train_cfg.max_epochs=3 optim_wrapper.optimizer.lr=0.1")
-        sub.add_argument("--launcher", choices=["none", "pytorch"],
-                         help="'pytorch' under torchrun (detected anyway), e.g. torchrun --nproc_per_node=4 "
-                              "-m funceng train CONFIG --launcher pytorch")
+        sub.add_argument(
+            "--cfg-options",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="override config values, e.g. train_cfg.max_epochs=3 optim_wrapper.optimizer.lr=0.1",
+        )
+        sub.add_argument(
+            "--launcher",
+            choices=["none", "pytorch"],
+            help="'pytorch' under torchrun (detected anyway), e.g. torchrun --nproc_per_node=4 "
+            "-m funceng train CONFIG --launcher pytorch",
+        )
         if name == "train":
             sub.add_argument("--resume", action="store_true", help="resume from the work_dir's last checkpoint")
         else:
@@ -124,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_cmd = commands.add_parser("plot", help="render loss, lr and metric curves of a work_dir to PNG")
     plot_cmd.add_argument("work_dir")
     plot_cmd.add_argument("--out", help="output folder (default: <run>/plots)")
-    commands.add_parser("bench", add_help=False, help="compare training speed, compile time and memory with PyTorch "
-                        "loops, MMEngine and Lightning (`funceng bench --help` lists its options)")
+    commands.add_parser(
+        "bench",
+        add_help=False,
+        help="compare training speed, compile time and memory with PyTorch "
+        "loops, MMEngine and Lightning (`funceng bench --help` lists its options)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options are the suite's own, parsed by it
         return bench(argv[1:])

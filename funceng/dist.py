@@ -98,7 +98,8 @@ def is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed", "imed out"))
+        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed", "imed out")
+    )
 
 
 @contextlib.contextmanager
@@ -111,7 +112,8 @@ def naming_collective_failures(during: str) -> Iterator[None]:
             raise DistributedError(
                 f"rank {get_rank()}: a collective failed during {during}: another rank died or stopped "
                 f"responding (see its log; collectives time out after env_cfg.dist_cfg.timeout). "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         raise
 
 

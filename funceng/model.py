@@ -32,7 +32,8 @@ class BaseModel(nn.Module):
         if data_preprocessor is not None and not isinstance(data_preprocessor, nn.Module):
             raise ConfigError(
                 f"data_preprocessor: expected an nn.Module called as data_preprocessor(batch, training), got "
-                f"{type(data_preprocessor).__name__} (config dicts are not built here: build the module yourself)")
+                f"{type(data_preprocessor).__name__} (config dicts are not built here: build the module yourself)"
+            )
         self.data_preprocessor = data_preprocessor
         self.init_cfg = init_cfg
 
@@ -43,3 +44,11 @@ class BaseModel(nn.Module):
     def parse_losses(losses: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total loss, values to log)`` as MMEngine's ``BaseModel.parse_losses``."""
         return parse_loss(losses)
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """A model, or one built from ``dict(type=ModelClass or a name registered in MODELS, **kwargs)``."""
+    model = cfg if isinstance(cfg, nn.Module) else MODELS.build(cfg, "model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {type(model).__name__} is not an nn.Module")
+    return model

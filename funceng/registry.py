@@ -60,7 +60,8 @@ class Registry:
         if entries and not implicit:
             raise ConfigError(
                 f"{self.kind} name {key!r} is already registered for {_origin(entries[0])}; "
-                f"cannot register {_origin(obj)} under the same name")
+                f"cannot register {_origin(obj)} under the same name"
+            )
         self._entries[key] = [*entries, obj]
         return obj
 
@@ -76,14 +77,16 @@ class Registry:
         if len(entries) > 1:
             raise ConfigError(
                 f"{where}: {self.kind} name {name!r} is ambiguous: it names {', '.join(_origin(e) for e in entries)}; "
-                "pass the class itself as type")
+                "pass the class itself as type"
+            )
         if entries:
             return entries[0]
         found = self.fallback(name) if self.fallback else None
         if found is not None:
             return found
-        raise ConfigError(f"{where}: unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}; "
-                          f"known: {self.names()}")
+        raise ConfigError(
+            f"{where}: unknown {self.kind} {name!r}{did_you_mean(name, self._entries)}; known: {self.names()}"
+        )
 
     def resolve(self, value: Any, where: str) -> Any:
         """What the config value ``type=value`` stands for."""

@@ -36,9 +36,7 @@ def constant_factor(base_lr: float, factor: float = 1.0 / 3, total_iters: int = 
     return schedule
 
 
-def linear(
-    base_lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5
-) -> Schedule:
+def linear(base_lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5) -> Schedule:
     """``LinearLR``: ``lr = base_lr * (start + (end - start) * min(step, total_iters) / total_iters)``."""
 
     def schedule(step):
@@ -138,8 +136,9 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Schedules end to end: ``schedules[i]`` runs from ``boundaries[i-1]`` with its own step restarted at 0
     (``SequentialLR``'s ``milestones``)."""
     if len(boundaries) != len(schedules) - 1:
-        raise ValueError(f"join: {len(schedules)} schedules need {len(schedules) - 1} boundaries, "
-                         f"got {len(boundaries)}")
+        raise ValueError(
+            f"join: {len(schedules)} schedules need {len(schedules) - 1} boundaries, got {len(boundaries)}"
+        )
 
     def schedule(s):
         t = _t(s)

@@ -23,8 +23,9 @@ from funceng import dist, tree
 ModuleChoice = Callable[[nn.Module], bool] | type | tuple[type, ...]
 
 
-def fully_shard_model(model: nn.Module, shard_modules: ModuleChoice | None = None,
-                      device: torch.device | None = None) -> nn.Module:
+def fully_shard_model(
+    model: nn.Module, shard_modules: ModuleChoice | None = None, device: torch.device | None = None
+) -> nn.Module:
     """Applies FSDP2's ``fully_shard`` to the chosen submodules, then to ``model``, over all ranks (in place).
 
     Each chosen submodule is one unit whose full parameters exist only during its own forward and backward.
@@ -74,7 +75,8 @@ def check_shares_storage(model: nn.Module, params: list[Tensor]) -> None:
             raise ValueError(
                 f"state params[{name!r}] is not the storage of the sharded model's parameter: use the state that "
                 "TrainState.create(model, tx) returned (steps update it in place; load a checkpoint into it with "
-                "state.update_(loaded)), not a copy")
+                "state.update_(loaded)), not a copy"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,9 @@ ShardLayout = dict[int, RowShard]
 
 
 def _layout(model: nn.Module, template: dict, shapes: list[tuple[int, ...]], full: bool) -> ShardLayout:
-    shards = {name: row_shard(tuple(p.shape), dist.get_rank(), dist.get_world_size())
-              for name, p in model.named_parameters()}
+    shards = {
+        name: row_shard(tuple(p.shape), dist.get_rank(), dist.get_world_size()) for name, p in model.named_parameters()
+    }
     layout: ShardLayout = {}
     for part in ("params", "opt_state"):
         for path, index in tree.walk(template.get(part, {})):

@@ -105,4 +105,3 @@ def check_state(state: Any) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in state.keys()]
     if missing:
         raise KeyError(f"state is missing keys {missing}; build it with funceng.TrainState.create(model, tx)")
-

@@ -175,8 +175,9 @@ class TrainStep(_Step):
         self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type)
         if data_parallel is None:
             data_parallel = dist.get_world_size() > 1
-        self._reduce = (_mean_logs_across_ranks if self.sharded
-                        else _mean_across_ranks if data_parallel else _no_reduction)
+        self._reduce = (
+            _mean_logs_across_ranks if self.sharded else _mean_across_ranks if data_parallel else _no_reduction
+        )
         self._loss_scale = DynamicScaling(across_ranks=self.sharded) if self.amp_dtype == torch.float16 else NoScaling()
         self._generators: StateGenerators | None = None
 

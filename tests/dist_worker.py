@@ -70,16 +70,20 @@ def build_runner(work_dir: Path, batch_size: int, resume_from: str | None = None
     45 test samples in batches of 4, so neither ranks nor batches divide the test set evenly."""
     torch.manual_seed(int(os.environ.get("RANK", 0)))  # ranks build different weights; the Runner must use rank 0's
     kwargs = dict(
-        model=Mlp(), work_dir=work_dir,
+        model=Mlp(),
+        work_dir=work_dir,
         train_dataloader=dict(dataset=dataset(96), batch_size=batch_size, sampler=dict(type="DefaultSampler")),
-        test_dataloader=dict(dataset=dataset(45, seed=1), batch_size=4, sampler=dict(type="DefaultSampler",
-                                                                                      shuffle=False)),
+        test_dataloader=dict(
+            dataset=dataset(45, seed=1), batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False)
+        ),
         test_evaluator=[dict(type=Accuracy), dict(type=LabelOrder, prefix="samples")],
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=1e-4),
-                           clip_grad=dict(max_norm=1.0)),
+        optim_wrapper=dict(
+            optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=1e-4), clip_grad=dict(max_norm=1.0)
+        ),
         param_scheduler=dict(type="MultiStepLR", milestones=[1], gamma=0.5, by_epoch=True),
         auto_scale_lr=dict(base_batch_size=8),
-        train_cfg=dict(by_epoch=True, max_epochs=2), randomness=dict(seed=3),
+        train_cfg=dict(by_epoch=True, max_epochs=2),
+        randomness=dict(seed=3),
         default_hooks=dict(logger=dict(interval=3), checkpoint=dict(interval=9, by_epoch=False)),
         env_cfg=dict(dist_cfg=dict(backend="gloo", timeout=TIMEOUT_S)),
         resume=True if resume_from == "auto" else resume_from or False,
@@ -121,16 +125,24 @@ def run_runner(out: Path, args) -> None:
     if args.fsdp:  # what a sharded model cannot do: compile the whole step, or train a copy of its state
         from funceng import make_train_step
 
-        for name, attempt in (("compile", lambda: make_train_step(runner.model, runner.train_step.tx, compile=True)),
-                              ("copy", lambda: runner.train_step(runner.state.clone(), next(iter(
-                                  runner.train_dataloader))))):
+        for name, attempt in (
+            ("compile", lambda: make_train_step(runner.model, runner.train_step.tx, compile=True)),
+            ("copy", lambda: runner.train_step(runner.state.clone(), next(iter(runner.train_dataloader)))),
+        ):
             try:
                 attempt()
             except ValueError as exc:
                 refusals[name] = str(exc)
-    record = {"rank": runner.rank, "world_size": runner.world_size, "digest": digest(runner.state),
-              "metrics": metrics, "lr": last_lr(runner.state), "iter": runner.iter,
-              "param_elements": sum(p.numel() for p in runner.state["params"].values()), "refusals": refusals}
+    record = {
+        "rank": runner.rank,
+        "world_size": runner.world_size,
+        "digest": digest(runner.state),
+        "metrics": metrics,
+        "lr": last_lr(runner.state),
+        "iter": runner.iter,
+        "param_elements": sum(p.numel() for p in runner.state["params"].values()),
+        "refusals": refusals,
+    }
     (out / f"rank{runner.rank}.json").write_text(json.dumps(record))
 
 
@@ -153,15 +165,27 @@ def run_buffers(out: Path, args) -> None:
     user-built loader with a sampler that cannot be sharded."""
     record = {}
     for name, hooks in (("unsynced", []), ("synced", [SyncBuffersHook()])):
-        runner = Runner(model=TinyNet(), work_dir=out / name, train_dataloader=DataLoader(dataset(64), batch_size=8),
-                        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), train_cfg=dict(max_epochs=1),
-                        custom_hooks=hooks, default_hooks=dict(checkpoint=None), launcher="pytorch")
+        runner = Runner(
+            model=TinyNet(),
+            work_dir=out / name,
+            train_dataloader=DataLoader(dataset(64), batch_size=8),
+            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+            train_cfg=dict(max_epochs=1),
+            custom_hooks=hooks,
+            default_hooks=dict(checkpoint=None),
+            launcher="pytorch",
+        )
         runner.train()
         record[name] = digest(runner.state["buffers"])
     weighted = DataLoader(dataset(64), batch_size=8, sampler=WeightedRandomSampler([1.0] * 64, 64))
     try:
-        Runner(model=TinyNet(), work_dir=out / "weighted", train_dataloader=weighted,
-               optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), train_cfg=dict(max_epochs=1))
+        Runner(
+            model=TinyNet(),
+            work_dir=out / "weighted",
+            train_dataloader=weighted,
+            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+            train_cfg=dict(max_epochs=1),
+        )
     except ConfigError as exc:
         record["refused"] = str(exc)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
@@ -196,7 +220,7 @@ def run_step(out: Path, args) -> None:
     torch._dynamo.utils.counters.clear()
     data = dataset(GLOBAL_BATCH * 5)
     for i in range(5):
-        x, y = data[i * GLOBAL_BATCH: (i + 1) * GLOBAL_BATCH]
+        x, y = data[i * GLOBAL_BATCH : (i + 1) * GLOBAL_BATCH]
         state, metrics = step(state, (x[rank::world], y[rank::world]))
         reference, reference_metrics = reference_step(reference, (x, y))
     diffs = [(a - b).abs().max().item() for a, b in zip(flatten(state["params"])[1], flatten(reference["params"])[1])]
@@ -205,10 +229,16 @@ def run_step(out: Path, args) -> None:
     shard = {"w": torch.full((3,), float("inf") if rank == 1 else 1.0)}
     scale = {"scale": torch.tensor(1024.0), "growth_tracker": torch.tensor(0, dtype=torch.int32)}
     _, finite = loss_scale.unscale_and_update(shard, scale, across_ranks=True)
-    record = {"rank": rank, "max_param_diff": max(diffs), "loss_diff": loss_diff,
-              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()), "digest": digest(state),
-              "fp16_shard_finite": finite.item(), "fp16_scale_after_overflow": scale["scale"].item()}
+    record = {
+        "rank": rank,
+        "max_param_diff": max(diffs),
+        "loss_diff": loss_diff,
+        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
+        "digest": digest(state),
+        "fp16_shard_finite": finite.item(),
+        "fp16_scale_after_overflow": scale["scale"].item(),
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 

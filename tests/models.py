@@ -6,9 +6,9 @@ from torch import nn
 
 
 def mlp_with_batchnorm(dtype=torch.float32, dropout: float = 0.0) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(dropout), nn.Linear(12, 3)
-    ).to(dtype)
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(dropout), nn.Linear(12, 3)).to(
+        dtype
+    )
 
 
 def cross_entropy(model: nn.Module, batch) -> torch.Tensor:

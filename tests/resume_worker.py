@@ -90,13 +90,18 @@ def main() -> None:
     torch.manual_seed(0)  # the model is built before the Runner seeds anything, as in the seed tutorial
     checkpoint_cfg = dict(interval=4, by_epoch=False) if args.checkpoint == "iter" else dict(interval=1)
     runner = Runner(
-        model=TinyNet(dropout=0.3), work_dir=args.work_dir,
+        model=TinyNet(dropout=0.3),
+        work_dir=args.work_dir,
         train_dataloader=DataLoader(NoisyDataset(120), batch_size=16, shuffle=True),
-        val_dataloader=DataLoader(NoisyDataset(32, seed=1), batch_size=16), val_evaluator=dict(type=Accuracy),
+        val_dataloader=DataLoader(NoisyDataset(32, seed=1), batch_size=16),
+        val_evaluator=dict(type=Accuracy),
         optim_wrapper=dict(optimizer=dict(type="AdamW", lr=0.01), clip_grad=dict(max_norm=1.0)),
         param_scheduler=dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=24),
-        train_cfg=dict(by_epoch=True, max_epochs=3), default_hooks=dict(checkpoint=checkpoint_cfg),
-        custom_hooks=hooks, randomness=dict(seed=0), resume=args.resume,
+        train_cfg=dict(by_epoch=True, max_epochs=3),
+        default_hooks=dict(checkpoint=checkpoint_cfg),
+        custom_hooks=hooks,
+        randomness=dict(seed=0),
+        resume=args.resume,
     )
     runner.train()
     checkpoint.save_state(runner.state, Path(args.work_dir) / "final")

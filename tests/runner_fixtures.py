@@ -48,9 +48,14 @@ def loaders(n_train: int = 160, n_val: int = 48, batch_size: int = 16, shuffle: 
 def runner_kwargs(tmp_path, **overrides):
     train, val = loaders()
     kwargs = dict(
-        model=TinyNet(), work_dir=tmp_path / "work", train_dataloader=train, val_dataloader=val,
-        val_evaluator=dict(type=Accuracy), optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
-        train_cfg=dict(by_epoch=True, max_epochs=2), randomness=dict(seed=0),
+        model=TinyNet(),
+        work_dir=tmp_path / "work",
+        train_dataloader=train,
+        val_dataloader=val,
+        val_evaluator=dict(type=Accuracy),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9)),
+        train_cfg=dict(by_epoch=True, max_epochs=2),
+        randomness=dict(seed=0),
     )
     kwargs.update(overrides)
     return kwargs

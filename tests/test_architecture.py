@@ -25,8 +25,12 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     """The funceng modules ``path`` imports anywhere (module level or inside functions), except under
     ``if TYPE_CHECKING:``; ``from funceng import x`` counts as importing ``funceng.x`` when that is a module."""
     tree = ast.parse(path.read_text())
-    type_checking = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                     and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    type_checking = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in type_checking:
@@ -34,8 +38,9 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+            }
     return {name for name in found if name in known}
 
 
@@ -52,7 +57,7 @@ def test_the_package_has_no_import_cycle():
 
     def visit(name):
         if name in visiting:
-            cycles.append(visiting[visiting.index(name):] + [name])
+            cycles.append(visiting[visiting.index(name) :] + [name])
             return
         if name in done:
             return
@@ -73,17 +78,24 @@ def test_errors_import_nothing_from_funceng_and_every_module_raises_funceng_erro
     defined = {}
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and any(getattr(b, "id", "") in ("ValueError", "RuntimeError")
-                                                      for b in node.bases):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(b, "id", "") in ("ValueError", "RuntimeError") for b in node.bases
+            ):
                 defined[node.name] = name
-    assert defined == {"ConfigError": "funceng.errors", "CheckpointError": "funceng.errors",
-                       "DonatedStateError": "funceng.errors", "DistributedError": "funceng.errors"}
+    assert defined == {
+        "ConfigError": "funceng.errors",
+        "CheckpointError": "funceng.errors",
+        "DonatedStateError": "funceng.errors",
+        "DistributedError": "funceng.errors",
+    }
 
 
 def test_cli_help_imports_neither_the_benchmarks_nor_the_runner():
-    probe = ("import sys, funceng.cli as cli\n"
-             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in sys.modules if m in ('compare', 'workloads', 'funceng.runner')))")
+    probe = (
+        "import sys, funceng.cli as cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m in ('compare', 'workloads', 'funceng.runner')))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert not (PACKAGE / "bench.py").exists() and (ROOT / "benchmarks" / "workloads.py").exists()
@@ -103,8 +115,9 @@ def private_names_used_across_modules(path: Path) -> list[str]:
     """``from x import _name`` and ``obj._name`` in a test file, where ``_name`` is not the file's own."""
     tree = ast.parse(path.read_text())
     own = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    own |= {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
-            if isinstance(t, ast.Name)}
+    own |= {
+        t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

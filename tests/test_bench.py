@@ -32,14 +32,31 @@ def test_suite_times_systems_side_by_side_and_reports_skips(tmp_path):
 
 
 def test_distributed_benchmark_runs_every_system_on_two_ranks():
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "benchmarks" / "distributed.py"), "--workloads", "mlp", "--windows", "1", "--steps", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "benchmarks" / "distributed.py"),
+        "--workloads",
+        "mlp",
+        "--windows",
+        "1",
+        "--steps",
+        "2",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| mlp")]
     assert [row.split(" | ")[1] for row in rows] == [
-        "DDP + torch.optim", "funceng data-parallel, eager", "funceng data-parallel, compiled",
-        "FSDP2 + torch.optim", "funceng FSDP2, eager"]
+        "DDP + torch.optim",
+        "funceng data-parallel, eager",
+        "funceng data-parallel, compiled",
+        "FSDP2 + torch.optim",
+        "funceng FSDP2, eager",
+    ]
     state_kib = [float(row.split(" | ")[4].rstrip(" |")) for row in rows]
     assert state_kib[3] == state_kib[4] == state_kib[0] / 2  # sharding halves each rank's state

@@ -40,8 +40,15 @@ def test_round_trip_gives_back_every_tensor_bitwise_with_its_dtype(state, tmp_pa
 
 
 def test_unusual_dtypes_and_empty_tensors_round_trip(tmp_path):
-    td = funceng.TrainState({"a": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "b": torch.tensor([True, False]),
-                             "c": torch.empty(0, 3), "d": {"e": torch.tensor(7, dtype=torch.int32)}}, batch_size=[])
+    td = funceng.TrainState(
+        {
+            "a": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+            "b": torch.tensor([True, False]),
+            "c": torch.empty(0, 3),
+            "d": {"e": torch.tensor(7, dtype=torch.int32)},
+        },
+        batch_size=[],
+    )
     save_state(td, tmp_path / "ck")
     loaded, _ = load_state(tmp_path / "ck")
     assert (loaded == td).all()
@@ -139,8 +146,11 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path,
 def test_max_keep_ckpts_removes_old_checkpoints_only_after_the_new_one_is_complete(tmp_path, monkeypatch):
     from funceng import checkpoint
 
-    runner = Runner(**runner_kwargs(tmp_path, train_cfg=dict(by_epoch=True, max_epochs=3),
-                                    default_hooks=dict(checkpoint=dict(max_keep_ckpts=1))))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path, train_cfg=dict(by_epoch=True, max_epochs=3), default_hooks=dict(checkpoint=dict(max_keep_ckpts=1))
+        )
+    )
     seen = []
     real = checkpoint.save_state
 
@@ -171,6 +181,10 @@ def test_inspect_prints_the_state_and_verifies_checksums(state, tmp_path, capsys
 
 def test_inspect_console_script_refuses_a_pickle(tmp_path):
     (tmp_path / "x.pth").write_bytes(pickle.dumps({"a": 1}))
-    done = subprocess.run([sys.executable, "-m", "funceng.cli", "inspect", str(tmp_path / "x.pth")],
-                          capture_output=True, text=True, env={**os.environ})
+    done = subprocess.run(
+        [sys.executable, "-m", "funceng.cli", "inspect", str(tmp_path / "x.pth")],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     assert done.returncode == 2 and "never unpickles" in done.stderr

@@ -63,11 +63,16 @@ def test_compiled_runner_trains_base_model_in_one_train_and_one_eval_graph(fresh
 
     ragged_train = DataLoader(dataset(150), batch_size=16, shuffle=True)  # 9 batches of 16, then one of 6
     ragged_val = DataLoader(dataset(40, seed=1), batch_size=16)  # 16, 16, 8
-    runner = Runner(**runner_kwargs(
-        tmp_path, compile=True, default_hooks=dict(checkpoint=None),
-        train_dataloader=ragged_train, val_dataloader=ragged_val,
-        param_scheduler=dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=20),
-    ))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            compile=True,
+            default_hooks=dict(checkpoint=None),
+            train_dataloader=ragged_train,
+            val_dataloader=ragged_val,
+            param_scheduler=dict(type="CosineAnnealingLR", by_epoch=False, begin=0, end=20),
+        )
+    )
     runner.train()
     assert runner.iter == 20
     assert counters["stats"]["unique_graphs"] == 2  # one train step, one eval step: no recompile, last batches too

@@ -29,8 +29,15 @@ ATOL = 1e-5
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(WORKER), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
     return result
 
@@ -79,16 +86,22 @@ def test_distributed_metrics_equal_single_process_metrics_on_the_same_weights(ru
     two = ranks(root / "two", 2)
     assert two[0]["metrics"] == two[1]["metrics"]
     assert two[0]["metrics"]["samples/count"] == 45  # no sample of the 45 is counted twice or dropped
-    evaluate = build_runner(tmp_path / "eval", GLOBAL_BATCH, load_from=str(root / "two" / "work" / "iter_12"),
-                            train_dataloader=None, optim_wrapper=None, train_cfg=None, param_scheduler=None)
+    evaluate = build_runner(
+        tmp_path / "eval",
+        GLOBAL_BATCH,
+        load_from=str(root / "two" / "work" / "iter_12"),
+        train_dataloader=None,
+        optim_wrapper=None,
+        train_cfg=None,
+        param_scheduler=None,
+    )
     assert evaluate.test() == two[0]["metrics"]
 
 
 def test_only_rank_zero_logs_and_writes_checkpoints(runs):
     root, _, result = runs
     work = root / "two" / "work"
-    assert sorted(p.name for p in work.iterdir() if not p.name[0].isdigit()) == ["iter_12", "iter_9",
-                                                                                   "last_checkpoint"]
+    assert sorted(p.name for p in work.iterdir() if not p.name[0].isdigit()) == ["iter_12", "iter_9", "last_checkpoint"]
     (log_dir,) = [p for p in work.iterdir() if p.name[0].isdigit()]
     log = (log_dir / f"{log_dir.name}.log").read_text()
     assert "World size: 2" in log and "Epoch(train) [2][6/6]" in log
@@ -110,8 +123,15 @@ def test_checkpoint_from_two_ranks_resumes_on_one_rank(runs, tmp_path):
 
 def test_checkpoint_from_one_rank_resumes_on_two_ranks(runs, tmp_path):
     root, single_metrics, _ = runs
-    result = torchrun(2, "runner", str(tmp_path), "--batch-size", str(GLOBAL_BATCH // 2),
-                      "--resume-from", str(root / "single" / "work" / "iter_9"))
+    result = torchrun(
+        2,
+        "runner",
+        str(tmp_path),
+        "--batch-size",
+        str(GLOBAL_BATCH // 2),
+        "--resume-from",
+        str(root / "single" / "work" / "iter_9"),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Resuming a 1-rank run on 2 rank(s) at sample 48 of the epoch" in result.stdout
     assert ranks(tmp_path, 2)[0]["iter"] == 12
@@ -133,9 +153,16 @@ def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
     """Started by hand with torchrun's environment, so no launcher stops the survivor for us."""
     env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500), "WORLD_SIZE": "2"}
     start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "die", str(tmp_path)], text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "die", str(tmp_path)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     outputs = [p.communicate(timeout=TIMEOUT_S + 60) for p in procs]
     elapsed = time.monotonic() - start
     assert procs[1].returncode == 3
@@ -192,8 +219,16 @@ def test_sharded_checkpoint_resumes_on_one_rank(runs, sharded, tmp_path):
 
 def test_full_checkpoint_resumes_sharded_on_two_ranks(runs, tmp_path):
     root, _, _ = runs
-    result = torchrun(2, "runner", str(tmp_path), "--batch-size", str(GLOBAL_BATCH // 2), "--fsdp",
-                      "--resume-from", str(root / "single" / "work" / "iter_9"))
+    result = torchrun(
+        2,
+        "runner",
+        str(tmp_path),
+        "--batch-size",
+        str(GLOBAL_BATCH // 2),
+        "--fsdp",
+        "--resume-from",
+        str(root / "single" / "work" / "iter_9"),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_close(tmp_path / "work" / "iter_12", root / "single" / "work" / "iter_12")
 
@@ -217,8 +252,20 @@ def test_sync_buffers_hook_gives_every_rank_the_mean_batchnorm_statistics(tmp_pa
 
 def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_iteration_and_resumes_exactly(runs, tmp_path):
     root, _, _ = runs
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               "runner", str(tmp_path / "stopped"), "--batch-size", str(GLOBAL_BATCH // 2), "--sleep", "0.5"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "runner",
+        str(tmp_path / "stopped"),
+        "--batch-size",
+        str(GLOBAL_BATCH // 2),
+        "--sleep",
+        "0.5",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     for line in proc.stdout:
         if "Epoch(train) [1][3/6]" in line:
@@ -229,8 +276,9 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_at_one_iteration_and_resumes_
     (saved,) = [p for p in (tmp_path / "stopped" / "work").glob("iter_*")]
     assert 3 <= int(saved.name.removeprefix("iter_")) < 12
     assert f"Received SIGTERM: saved checkpoint {saved}" in output
-    result = torchrun(2, "runner", str(tmp_path / "stopped"), "--batch-size", str(GLOBAL_BATCH // 2),
-                      "--resume-from", "auto")  # rank 0 finds the newest checkpoint; every rank resumes it
+    result = torchrun(
+        2, "runner", str(tmp_path / "stopped"), "--batch-size", str(GLOBAL_BATCH // 2), "--resume-from", "auto"
+    )  # rank 0 finds the newest checkpoint; every rank resumes it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"from {saved}" in result.stdout
     assert ranks(tmp_path / "stopped", 2)[0]["digest"] == ranks(root / "two", 2)[0]["digest"]

@@ -14,8 +14,16 @@ def snippets(page: Path) -> list[str]:
 
 
 def test_every_docs_page_has_runnable_snippets():
-    assert {p.stem for p in PAGES} >= {"README", "state", "steps", "optimizers", "runner", "checkpoints", "benchmarks",
-                                          "distributed"}
+    assert {p.stem for p in PAGES} >= {
+        "README",
+        "state",
+        "steps",
+        "optimizers",
+        "runner",
+        "checkpoints",
+        "benchmarks",
+        "distributed",
+    }
     assert all(snippets(page) for page in PAGES)
 
 

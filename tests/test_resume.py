@@ -17,8 +17,9 @@ ITERS = 24  # 3 epochs of 8 batches (120 samples, batch 16)
 
 
 def run(work_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(WORKER), str(work_dir), *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(work_dir), *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def run_to_completion(work_dir: Path, *first_args: str, max_attempts: int = 5) -> list[int]:
@@ -78,9 +79,11 @@ def test_sigkill_at_a_random_moment_from_outside(reference, tmp_path):
     rng = random.Random(7)
     codes = []
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "--sleep", "0.1",
-                                 *(["--resume"] if codes else [])],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path), "--sleep", "0.1", *(["--resume"] if codes else [])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(3.0, 5.0))
         proc.kill()
         codes.append(proc.wait())

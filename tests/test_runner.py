@@ -22,9 +22,13 @@ def test_runner_ends_with_the_weights_of_a_hand_written_torch_loop(tmp_path):
     order = torch.Generator().manual_seed(3)
     train = DataLoader(dataset(96), batch_size=16, shuffle=True, generator=order)
     runner = Runner(
-        model=model, work_dir=tmp_path, train_dataloader=train, train_cfg=dict(by_epoch=True, max_epochs=3),
+        model=model,
+        work_dir=tmp_path,
+        train_dataloader=train,
+        train_cfg=dict(by_epoch=True, max_epochs=3),
         optim_wrapper=dict(optimizer=dict(type=torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4)),
-        param_scheduler=dict(type="MultiStepLR", milestones=[2], gamma=0.1), randomness=dict(seed=0),
+        param_scheduler=dict(type="MultiStepLR", milestones=[2], gamma=0.1),
+        randomness=dict(seed=0),
         default_hooks=dict(checkpoint=None),
     )
     runner.train()
@@ -48,10 +52,13 @@ def test_runner_ends_with_the_weights_of_a_hand_written_torch_loop(tmp_path):
 
 
 def test_iteration_based_run_logs_iter_lines_and_saves_iter_checkpoints(tmp_path, capsys):
-    runner = Runner(**runner_kwargs(
-        tmp_path, train_cfg=dict(by_epoch=False, max_iters=25, val_interval=20),
-        default_hooks=dict(logger=dict(interval=5), checkpoint=dict(interval=10, by_epoch=False)),
-    ))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            train_cfg=dict(by_epoch=False, max_iters=25, val_interval=20),
+            default_hooks=dict(logger=dict(interval=5), checkpoint=dict(interval=10, by_epoch=False)),
+        )
+    )
     runner.train()
     out = capsys.readouterr().out
     assert re.findall(r"Iter\(train\) \[(\s*\d+)/25\]  lr: 1\.0000e-01  eta: ", out) == [" 5", "10", "15", "20", "25"]
@@ -64,8 +71,14 @@ def test_iteration_based_run_logs_iter_lines_and_saves_iter_checkpoints(tmp_path
 
 def test_epoch_lines_right_align_like_mmengine(tmp_path, capsys):
     train, val = loaders(n_train=16 * 12)
-    Runner(**runner_kwargs(tmp_path, train_dataloader=train, train_cfg=dict(by_epoch=True, max_epochs=10),
-                           default_hooks=dict(checkpoint=None))).train()
+    Runner(
+        **runner_kwargs(
+            tmp_path,
+            train_dataloader=train,
+            train_cfg=dict(by_epoch=True, max_epochs=10),
+            default_hooks=dict(checkpoint=None),
+        )
+    ).train()
     out = capsys.readouterr().out
     assert "Epoch(train)  [1][10/12]  lr: 1.0000e-01  eta: " in out
     assert "Epoch(train) [10][10/12]  lr: " in out
@@ -74,13 +87,20 @@ def test_epoch_lines_right_align_like_mmengine(tmp_path, capsys):
 
 def test_scheduler_lr_follows_mmengine_warmup_then_cosine(tmp_path):
     train, _ = loaders(n_train=16 * 10)
-    runner = Runner(**runner_kwargs(
-        tmp_path, train_dataloader=train, val_dataloader=None, val_evaluator=None,
-        train_cfg=dict(by_epoch=True, max_epochs=4),
-        param_scheduler=[dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=5),
-                         dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=4, eta_min=0.01)],
-        default_hooks=dict(logger=dict(interval=1), checkpoint=None),
-    ))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            train_dataloader=train,
+            val_dataloader=None,
+            val_evaluator=None,
+            train_cfg=dict(by_epoch=True, max_epochs=4),
+            param_scheduler=[
+                dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=5),
+                dict(type="CosineAnnealingLR", by_epoch=True, begin=0, end=4, eta_min=0.01),
+            ],
+            default_hooks=dict(logger=dict(interval=1), checkpoint=None),
+        )
+    )
     runner.train()
     (log_dir,) = [p for p in (tmp_path / "work").iterdir() if p.is_dir()]
     lrs = [json.loads(line)["lr"] for line in (log_dir / "vis_data" / "scalars.json").read_text().splitlines()]
@@ -89,16 +109,23 @@ def test_scheduler_lr_follows_mmengine_warmup_then_cosine(tmp_path):
     assert lrs[:5] == pytest.approx(warm)  # epoch 0: cosine factor 1
     for epoch in range(1, 4):
         cosine = 0.01 + (0.1 - 0.01) * (1 + torch.cos(torch.tensor(torch.pi * epoch / 4)).item()) / 2
-        assert lrs[epoch * 10: epoch * 10 + 10] == pytest.approx([cosine] * 10)
+        assert lrs[epoch * 10 : epoch * 10 + 10] == pytest.approx([cosine] * 10)
 
 
 def test_paramwise_cfg_gives_biases_and_norms_their_own_decay_and_lr(tmp_path):
-    runner = Runner(**runner_kwargs(
-        tmp_path, optim_wrapper=dict(
-            optimizer=dict(type="SGD", lr=0.1, weight_decay=0.5),
-            paramwise_cfg=dict(bias_decay_mult=0.0, norm_decay_mult=0.0, custom_keys={"net.4": dict(lr_mult=0.0)}),
-        ), train_cfg=dict(by_epoch=True, max_epochs=1), val_dataloader=None, val_evaluator=None,
-        default_hooks=dict(checkpoint=None)))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            optim_wrapper=dict(
+                optimizer=dict(type="SGD", lr=0.1, weight_decay=0.5),
+                paramwise_cfg=dict(bias_decay_mult=0.0, norm_decay_mult=0.0, custom_keys={"net.4": dict(lr_mult=0.0)}),
+            ),
+            train_cfg=dict(by_epoch=True, max_epochs=1),
+            val_dataloader=None,
+            val_evaluator=None,
+            default_hooks=dict(checkpoint=None),
+        )
+    )
     before = runner.model.net[4].weight.detach().clone()
     runner.train()
     groups = runner.state["opt_state"].keys()
@@ -107,9 +134,19 @@ def test_paramwise_cfg_gives_biases_and_norms_their_own_decay_and_lr(tmp_path):
 
 
 def test_amp_accumulation_and_clipping_options_run_and_log_grad_norm(tmp_path, capsys):
-    Runner(**runner_kwargs(tmp_path, optim_wrapper=dict(
-        type="AmpOptimWrapper", dtype="bfloat16", accumulative_counts=2, clip_grad=dict(max_norm=1.0),
-        optimizer=dict(type="AdamW", lr=1e-3)), default_hooks=dict(checkpoint=None))).train()
+    Runner(
+        **runner_kwargs(
+            tmp_path,
+            optim_wrapper=dict(
+                type="AmpOptimWrapper",
+                dtype="bfloat16",
+                accumulative_counts=2,
+                clip_grad=dict(max_norm=1.0),
+                optimizer=dict(type="AdamW", lr=1e-3),
+            ),
+            default_hooks=dict(checkpoint=None),
+        )
+    ).train()
     out = capsys.readouterr().out
     assert re.search(r"Epoch\(train\) \[1\]\[10/10\]  lr: 1\.0000e-03 .* loss: \d+\.\d{4}  grad_norm: \d+\.\d{4}", out)
 
@@ -139,14 +176,21 @@ def test_custom_hooks_see_every_stage_in_order(tmp_path):
     hook = RecordingHook()
     Runner(**runner_kwargs(tmp_path, custom_hooks=[hook], default_hooks=dict(checkpoint=None))).train()
     assert hook.calls == (
-        ["before_train", "before_train_epoch 0"] + ["iter"] * 10 + ["after_val_epoch ['accuracy']"]
-        + ["before_train_epoch 1"] + ["iter"] * 10 + ["after_val_epoch ['accuracy']", "after_train"]
+        ["before_train", "before_train_epoch 0"]
+        + ["iter"] * 10
+        + ["after_val_epoch ['accuracy']"]
+        + ["before_train_epoch 1"]
+        + ["iter"] * 10
+        + ["after_val_epoch ['accuracy']", "after_train"]
     )
 
 
 def test_ema_hook_keeps_the_average_in_the_state_and_validates_with_it(tmp_path):
-    runner = Runner(**runner_kwargs(tmp_path, custom_hooks=[dict(type="EMAHook", momentum=0.5)],
-                                    default_hooks=dict(checkpoint=None)))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path, custom_hooks=[dict(type="EMAHook", momentum=0.5)], default_hooks=dict(checkpoint=None)
+        )
+    )
     runner.train()
     assert "ema" in runner.state.keys()
     ema, params = runner.state["ema"]["net.0.weight"], runner.state["params"]["net.0.weight"]
@@ -161,18 +205,28 @@ def test_ema_hook_keeps_the_average_in_the_state_and_validates_with_it(tmp_path)
 
 
 def test_early_stopping_hook_stops_when_the_metric_stalls(tmp_path, capsys):
-    runner = Runner(**runner_kwargs(
-        tmp_path, train_cfg=dict(by_epoch=True, max_epochs=20),
-        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.0)),  # nothing improves
-        custom_hooks=[EarlyStoppingHook(monitor="accuracy", patience=2)], default_hooks=dict(checkpoint=None)))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            train_cfg=dict(by_epoch=True, max_epochs=20),
+            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.0)),  # nothing improves
+            custom_hooks=[EarlyStoppingHook(monitor="accuracy", patience=2)],
+            default_hooks=dict(checkpoint=None),
+        )
+    )
     runner.train()
     assert runner.epoch == 3
     assert "Early stopping: accuracy did not improve by 0.1 for 2 validations" in capsys.readouterr().out
 
 
 def test_max_keep_ckpts_and_save_best(tmp_path):
-    runner = Runner(**runner_kwargs(tmp_path, train_cfg=dict(by_epoch=True, max_epochs=3),
-                                    default_hooks=dict(checkpoint=dict(max_keep_ckpts=2, save_best="accuracy"))))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            train_cfg=dict(by_epoch=True, max_epochs=3),
+            default_hooks=dict(checkpoint=dict(max_keep_ckpts=2, save_best="accuracy")),
+        )
+    )
     runner.train()
     names = {p.name for p in (tmp_path / "work").iterdir() if not p.name[0].isdigit()}
     best = [n for n in names if n.startswith("best_accuracy_epoch_")]
@@ -214,15 +268,24 @@ class Exploding(TinyNet):
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        (dict(optim_wrapper=dict(optimizer=dict(type="SDG", lr=0.1))), ConfigError,
-         r"optim_wrapper.optimizer.type: unknown optimizer 'SDG' \(did you mean 'SGD'\?\)"),
-        (dict(optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentun=0.9))), ConfigError,
-         r"optim_wrapper.optimizer \(SGD\): unknown key 'momentun' \(did you mean 'momentum'\?\)"),
+        (
+            dict(optim_wrapper=dict(optimizer=dict(type="SDG", lr=0.1))),
+            ConfigError,
+            r"optim_wrapper.optimizer.type: unknown optimizer 'SDG' \(did you mean 'SGD'\?\)",
+        ),
+        (
+            dict(optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, momentun=0.9))),
+            ConfigError,
+            r"optim_wrapper.optimizer \(SGD\): unknown key 'momentun' \(did you mean 'momentum'\?\)",
+        ),
         (dict(param_scheduler=dict(type="CosineLR")), ConfigError, r"param_scheduler\[0\].type: unknown scheduler"),
         (dict(train_cfg=dict(by_epoch=True)), ConfigError, r"train_cfg: by_epoch=True needs 'max_epochs'"),
         (dict(train_cfg=dict(by_epoch=False, max_epochs=2)), ConfigError, r"by_epoch=False needs 'max_iters'"),
-        (dict(train_cfg=dict(max_epochs=2, val_intervel=1)), ConfigError,
-         r"train_cfg: unknown key 'val_intervel' \(did you mean 'val_interval'\?\)"),
+        (
+            dict(train_cfg=dict(max_epochs=2, val_intervel=1)),
+            ConfigError,
+            r"train_cfg: unknown key 'val_intervel' \(did you mean 'val_interval'\?\)",
+        ),
         (dict(val_evaluator=None), ConfigError, r"val_dataloader is set but val_evaluator is missing"),
         (dict(default_hooks=dict(loger=dict(interval=5))), ConfigError, r"default_hooks: unknown key 'loger'"),
     ],
@@ -275,12 +338,18 @@ def test_evaluator_rejects_duplicate_metric_names():
 
 def test_a_metric_name_defined_in_two_modules_is_ambiguous_not_picked():
     namespace = {"__name__": "another_module"}
-    exec("from funceng.evaluator import BaseMetric\n"
-         "class RunnerTestTopOne(BaseMetric):\n"
-         "    def process(self, data_batch, data_samples): pass\n"
-         "    def compute_metrics(self, results): return {}\n", namespace)
-    with pytest.raises(ConfigError, match=r"metric name 'RunnerTestTopOne' is ambiguous: it names "
-                                          r"tests.test_runner.RunnerTestTopOne, another_module.RunnerTestTopOne"):
+    exec(
+        "from funceng.evaluator import BaseMetric\n"
+        "class RunnerTestTopOne(BaseMetric):\n"
+        "    def process(self, data_batch, data_samples): pass\n"
+        "    def compute_metrics(self, results): return {}\n",
+        namespace,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"metric name 'RunnerTestTopOne' is ambiguous: it names "
+        r"tests.test_runner.RunnerTestTopOne, another_module.RunnerTestTopOne",
+    ):
         Evaluator([dict(type="RunnerTestTopOne")])
     assert isinstance(Evaluator([dict(type=RunnerTestTopOne)]).metrics[0], RunnerTestTopOne)  # the class still works
 

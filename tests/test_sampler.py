@@ -31,7 +31,7 @@ def test_global_batches_are_the_same_for_any_number_of_ranks():
     (whole,) = shards(96, 1, shuffle=True, seed=3)
     halves = shards(96, 2, shuffle=True, seed=3)
     for k in range(6):  # global batch k: 16 samples on one rank, or 8 on each of two
-        assert set(whole[16 * k: 16 * (k + 1)]) == set(halves[0][8 * k: 8 * (k + 1)] + halves[1][8 * k: 8 * (k + 1)])
+        assert set(whole[16 * k : 16 * (k + 1)]) == set(halves[0][8 * k : 8 * (k + 1)] + halves[1][8 * k : 8 * (k + 1)])
 
 
 def test_each_epoch_has_its_own_order_and_an_epoch_replays_exactly():
@@ -57,12 +57,19 @@ def test_runner_reshuffles_config_built_loaders_every_epoch_from_seed_plus_epoch
             self.seen.append(data_batch[0])
 
     data, record = dataset(48), RecordBatches()
-    Runner(model=TinyNet(), work_dir=tmp_path, train_dataloader=dict(dataset=data, batch_size=16),
-           optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)), train_cfg=dict(max_epochs=2),
-           randomness=dict(seed=5), custom_hooks=[record], default_hooks=dict(checkpoint=None)).train()
+    Runner(
+        model=TinyNet(),
+        work_dir=tmp_path,
+        train_dataloader=dict(dataset=data, batch_size=16),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+        train_cfg=dict(max_epochs=2),
+        randomness=dict(seed=5),
+        custom_hooks=[record],
+        default_hooks=dict(checkpoint=None),
+    ).train()
     for epoch in range(2):
         sampler = DefaultSampler(data, shuffle=True, seed=5)
         sampler.set_epoch(epoch)
         expected = data.tensors[0][list(sampler)]
-        assert torch.equal(torch.cat(record.seen[3 * epoch: 3 * epoch + 3]), expected)
+        assert torch.equal(torch.cat(record.seen[3 * epoch : 3 * epoch + 3]), expected)
     assert not torch.equal(record.seen[0], record.seen[3])

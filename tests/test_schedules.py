@@ -26,24 +26,43 @@ def _our_values(schedule, n=N):
 
 
 CASES = {
-    "ConstantLR": (schedules.constant_factor(BASE, factor=0.5, total_iters=7),
-                   lambda o: ls.ConstantLR(o, factor=0.5, total_iters=7)),
-    "LinearLR": (schedules.linear(BASE, start_factor=0.2, end_factor=0.9, total_iters=13),
-                 lambda o: ls.LinearLR(o, start_factor=0.2, end_factor=0.9, total_iters=13)),
+    "ConstantLR": (
+        schedules.constant_factor(BASE, factor=0.5, total_iters=7),
+        lambda o: ls.ConstantLR(o, factor=0.5, total_iters=7),
+    ),
+    "LinearLR": (
+        schedules.linear(BASE, start_factor=0.2, end_factor=0.9, total_iters=13),
+        lambda o: ls.LinearLR(o, start_factor=0.2, end_factor=0.9, total_iters=13),
+    ),
     "StepLR": (schedules.step(BASE, step_size=7, gamma=0.5), lambda o: ls.StepLR(o, step_size=7, gamma=0.5)),
-    "MultiStepLR": (schedules.multi_step(BASE, milestones=[5, 20, 20, 41], gamma=0.3),
-                    lambda o: ls.MultiStepLR(o, milestones=[5, 20, 20, 41], gamma=0.3)),
+    "MultiStepLR": (
+        schedules.multi_step(BASE, milestones=[5, 20, 20, 41], gamma=0.3),
+        lambda o: ls.MultiStepLR(o, milestones=[5, 20, 20, 41], gamma=0.3),
+    ),
     "ExponentialLR": (schedules.exponential(BASE, gamma=0.95), lambda o: ls.ExponentialLR(o, gamma=0.95)),
-    "CosineAnnealingLR": (schedules.cosine_annealing(BASE, T_max=25, eta_min=0.001),
-                          lambda o: ls.CosineAnnealingLR(o, T_max=25, eta_min=0.001)),
-    "PolynomialLR": (schedules.polynomial(BASE, total_iters=40, power=2.0),
-                     lambda o: ls.PolynomialLR(o, total_iters=40, power=2.0)),
-    "OneCycleLR-cos": (schedules.one_cycle(0.5, total_steps=N),
-                       lambda o: ls.OneCycleLR(o, max_lr=0.5, total_steps=N, cycle_momentum=False)),
+    "CosineAnnealingLR": (
+        schedules.cosine_annealing(BASE, T_max=25, eta_min=0.001),
+        lambda o: ls.CosineAnnealingLR(o, T_max=25, eta_min=0.001),
+    ),
+    "PolynomialLR": (
+        schedules.polynomial(BASE, total_iters=40, power=2.0),
+        lambda o: ls.PolynomialLR(o, total_iters=40, power=2.0),
+    ),
+    "OneCycleLR-cos": (
+        schedules.one_cycle(0.5, total_steps=N),
+        lambda o: ls.OneCycleLR(o, max_lr=0.5, total_steps=N, cycle_momentum=False),
+    ),
     "OneCycleLR-linear-3phase": (
         schedules.one_cycle(0.5, total_steps=N, pct_start=0.25, anneal_strategy="linear", three_phase=True),
-        lambda o: ls.OneCycleLR(o, max_lr=0.5, total_steps=N, pct_start=0.25, anneal_strategy="linear",
-                                three_phase=True, cycle_momentum=False),
+        lambda o: ls.OneCycleLR(
+            o,
+            max_lr=0.5,
+            total_steps=N,
+            pct_start=0.25,
+            anneal_strategy="linear",
+            three_phase=True,
+            cycle_momentum=False,
+        ),
     ),
 }
 

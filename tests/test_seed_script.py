@@ -25,12 +25,15 @@ def test_seed_script_trains_on_tiny_cifar10_with_mmengine_logs(tmp_path, monkeyp
     assert "numpy_random_seed:" in out and "PyTorch: " in out
     train_lines = re.findall(
         STAMP + r"Epoch\(train\) \[(\d)\]\[10/10\]  lr: 1\.0000e-03  eta: \d+:\d\d:\d\d  "
-        r"time: \d+\.\d{4}  data_time: \d+\.\d{4}  loss: (\d+\.\d{4})\n", out)
+        r"time: \d+\.\d{4}  data_time: \d+\.\d{4}  loss: (\d+\.\d{4})\n",
+        out,
+    )
     assert [epoch for epoch, _ in train_lines] == ["1", "2", "3", "4", "5"]
     for epoch in range(1, 6):
         assert f"Saving checkpoint at {epoch} epochs" in out
     val_lines = re.findall(
-        STAMP + r"Epoch\(val\) \[(\d)\]\[2/2\]    accuracy: (\d+\.\d{4})  data_time: \d\.\d{4}  time: \d\.\d{4}\n", out)
+        STAMP + r"Epoch\(val\) \[(\d)\]\[2/2\]    accuracy: (\d+\.\d{4})  data_time: \d\.\d{4}  time: \d\.\d{4}\n", out
+    )
     assert [epoch for epoch, _ in val_lines] == ["1", "2", "3", "4", "5"]
     assert all(0.0 <= float(acc) <= 100.0 for _, acc in val_lines)
     assert out.index("Saving checkpoint at 1 epochs") < out.index("Epoch(val) [1][2/2]")

@@ -82,8 +82,12 @@ def test_a_plain_tensordict_without_the_keys_is_rejected():
 def test_fast_unflattener_matches_the_reference():
     from funceng import tree
 
-    nested = {"a": {"x": torch.zeros(1), "y": torch.ones(1)}, "b": torch.full((1,), 2.0), "c": {},
-              "d": {"e": {"f": torch.full((1,), 3.0)}, "g": torch.full((1,), 4.0)}}
+    nested = {
+        "a": {"x": torch.zeros(1), "y": torch.ones(1)},
+        "b": torch.full((1,), 2.0),
+        "c": {},
+        "d": {"e": {"f": torch.full((1,), 3.0)}, "g": torch.full((1,), 4.0)},
+    }
     template, leaves = tree.flatten(nested)
     assert tree.unflattener(template)(leaves) == tree.unflatten(template, leaves)
     assert tree.unflattener(template)(leaves)["d"]["e"]["f"] is leaves[3]

@@ -19,8 +19,13 @@ CONFIG = str(ROOT / "examples" / "digits_config.py")
 
 
 def test_demo_reaches_95_percent_on_real_digits_and_says_where_everything_is(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "digits_cnn.py"), "--work-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True, timeout=600).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "digits_cnn.py"), "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
     accuracy = float(re.search(r"final validation accuracy: ([\d.]+)%", out).group(1))
     assert accuracy >= 95.0, out
     for label in ("log", "checkpoints", "plots"):
@@ -32,15 +37,28 @@ def test_demo_reaches_95_percent_on_real_digits_and_says_where_everything_is(tmp
 
 def test_cli_trains_tests_and_plots_from_a_config_file(tmp_path, capsys):
     work = tmp_path / "w"
-    assert cli(["train", CONFIG, "--work-dir", str(work),
-                "--cfg-options", "train_cfg.max_epochs=2", "default_hooks.checkpoint.interval=1",
-                "param_scheduler=[]", "randomness.seed=3"]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                CONFIG,
+                "--work-dir",
+                str(work),
+                "--cfg-options",
+                "train_cfg.max_epochs=2",
+                "default_hooks.checkpoint.interval=1",
+                "param_scheduler=[]",
+                "randomness.seed=3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Epoch(val) [2][5/5]    accuracy:" in out and f"checkpoints: {work}" in out
     assert {"epoch_1", "epoch_2"} <= {p.name for p in work.iterdir()}
     assert cli(["test", CONFIG, "--work-dir", str(work), "--checkpoint", str(work / "epoch_2")]) == 0
     out = capsys.readouterr().out
-    metrics = json.loads(out[out.rindex("\n{") + 1:])  # the metrics are the closing JSON block
+    metrics = json.loads(out[out.rindex("\n{") + 1 :])  # the metrics are the closing JSON block
     assert 50.0 < metrics["accuracy"] <= 100.0
     assert cli(["plot", str(work)]) == 0
     pngs = capsys.readouterr().out.split()
@@ -65,8 +83,9 @@ def test_cfg_options_parse_values_and_create_only_runner_arguments():
 
 
 def test_progress_bar_replaces_iteration_lines_on_the_terminal_but_not_in_the_log(tmp_path, capsys):
-    runner = Runner(**runner_kwargs(tmp_path, default_hooks=dict(logger=dict(interval=5, progress=True),
-                                                                  checkpoint=None)))
+    runner = Runner(
+        **runner_kwargs(tmp_path, default_hooks=dict(logger=dict(interval=5, progress=True), checkpoint=None))
+    )
     runner.train()
     captured = capsys.readouterr()
     assert "Epoch(train)" not in captured.out
@@ -79,9 +98,13 @@ def test_progress_bar_replaces_iteration_lines_on_the_terminal_but_not_in_the_lo
 def test_tensorboard_backend_writes_events_tensorboard_can_read(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runner = Runner(**runner_kwargs(tmp_path, default_hooks=dict(logger=dict(interval=5), checkpoint=None),
-                                    visualizer=dict(vis_backends=[dict(type="LocalVisBackend"),
-                                                                  dict(type="TensorboardVisBackend")])))
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            default_hooks=dict(logger=dict(interval=5), checkpoint=None),
+            visualizer=dict(vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]),
+        )
+    )
     runner.train()
     runner.scalars.close()
     events = EventAccumulator(str(runner.log_dir / "vis_data"))

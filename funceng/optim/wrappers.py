@@ -91,9 +91,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
 
     def init(params: Params) -> OptState:
         names_by_label = groups_of(params)
-        return {
-            label: tx.init({n: params[n] for n in names_by_label[label]}) for label, tx in transforms.items()
-        }
+        return {label: tx.init({n: params[n] for n in names_by_label[label]}) for label, tx in transforms.items()}
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         names_by_label = groups_of(updates)

@@ -52,7 +52,8 @@ class Checkpointer:
         runner = self.runner
         position = runner.train_loop.position() if runner.train_loop is not None else {}
         return {
-            **position, "seed": runner.seed,
+            **position,
+            "seed": runner.seed,
             "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(runner.hooks)},
             "checkpointer": {"kept": self.kept, "best_value": self.best_value, "best_path": self.best_path},
             "config": _jsonable(runner.config_summary()),
@@ -117,8 +118,10 @@ class Checkpointer:
         for part in ("params", "buffers"):
             expected, got = set(state[part].keys()), set(loaded[part].keys())
             if expected != got:
-                raise CheckpointError(f"load_from={path}: its {part} do not match the model's (missing "
-                                      f"{sorted(expected - got)}, unexpected {sorted(got - expected)})")
+                raise CheckpointError(
+                    f"load_from={path}: its {part} do not match the model's (missing "
+                    f"{sorted(expected - got)}, unexpected {sorted(got - expected)})"
+                )
             state[part].update_(loaded[part])
         self.runner.logger.info(f"Load checkpoint from {path}")
 
@@ -149,8 +152,10 @@ class Checkpointer:
         path, loaded, extra = self._first_loadable(candidates)
         expected, got = tree.flatten(runner.state)[0], tree.flatten(loaded)[0]
         if expected != got:
-            raise CheckpointError(f"resume={path}: the checkpoint's state does not match this run's model and "
-                                  f"optimizer: {tree.describe_difference(expected, got)}")
+            raise CheckpointError(
+                f"resume={path}: the checkpoint's state does not match this run's model and "
+                f"optimizer: {tree.describe_difference(expected, got)}"
+            )
         runner.state.update_(loaded)
         runner.train_loop.restore(extra)
         for i, hook in enumerate(runner.hooks):

@@ -73,8 +73,9 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
         check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
         SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
         shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
-        cfg["sampler"] = DefaultSampler(dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0,
-                                        round_up=sampler.get("round_up", train))
+        cfg["sampler"] = DefaultSampler(
+            dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0, round_up=sampler.get("round_up", train)
+        )
     else:
         cfg["sampler"] = sampler
     cfg.setdefault("pin_memory", torch.cuda.is_available())  # with non_blocking copies: transfers overlap compute

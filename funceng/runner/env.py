@@ -85,6 +85,11 @@ class RunEnvironment:
         return "\n".join(lines)
 
 
+def default_device() -> torch.device:
+    """The device this process trains on: its GPU (``LOCAL_RANK``'s under torchrun), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def start_distributed(launcher: str, env_cfg: Mapping | None) -> str:
     """Applies ``env_cfg`` and joins the process group for ``launcher="pytorch"`` (or under torchrun); returns
     the launcher in effect."""

@@ -102,8 +102,15 @@ def header(mode: str, *, epoch: int | None, max_epochs: int | None, index: int, 
     return f"Epoch({mode}){epoch_str}{position}"
 
 
-def iteration_line(head: str, lr: float | None, eta_seconds: float, time: float, data_time: float,
-                   memory: int | None, scalars: dict[str, float]) -> str:
+def iteration_line(
+    head: str,
+    lr: float | None,
+    eta_seconds: float,
+    time: float,
+    data_time: float,
+    memory: int | None,
+    scalars: dict[str, float],
+) -> str:
     lr_str = f"lr: {lr:.4e}" if lr is not None else ""
     line = f"{head}  {lr_str}  eta: {datetime.timedelta(seconds=int(eta_seconds))}  "
     line += f"time: {time:.4f}  data_time: {data_time:.4f}  "

@@ -20,11 +20,10 @@ import torch
 
 from funceng import dist, rng
 from funceng.errors import ConfigError, check_keys
-from funceng.evaluator import Evaluator
 from funceng.registry import Registry
-from funceng.runner.data import is_ragged, resume_position, to_device
+from funceng.runner.data import resume_position, to_device
 from funceng.runner.env import StopSignals
-from funceng.step import EvalStep, TrainStep, make_eval_step
+from funceng.step import TrainStep
 
 if TYPE_CHECKING:
     from funceng.runner.runner import Runner
@@ -108,6 +107,8 @@ class TrainLoop:
         self.timer = IterTimer(runner.timing)
         self.train_step: TrainStep | None = None  # built by the Runner with the optimizer
         self.nonfinite: NonFiniteLossCheck | None = None
+        # iterations the loss check may trail the step by: 0 on the CPU (nothing runs ahead), 2 on CUDA
+        self.nonfinite_lag = 2 if runner.device.type == "cuda" else 0
         self.signals: StopSignals | None = None
         self._epoch_start_rng: dict[str, Any] = {}
         self._resume_point: dict[str, Any] | None = None
@@ -124,8 +125,7 @@ class TrainLoop:
         runner = self.runner
         if self.dataloader is None:
             raise ConfigError("train() needs a train_dataloader")
-        lag = 2 if runner.device.type == "cuda" else 0
-        self.nonfinite = NonFiniteLossCheck(self.describe, lag)
+        self.nonfinite = NonFiniteLossCheck(self.describe, self.nonfinite_lag)
         runner.call_hook("before_run")
         runner.call_hook("before_train")
         with StopSignals(runner.world_size) as self.signals:
@@ -145,8 +145,9 @@ class TrainLoop:
         """One iteration: hooks, the pure step, hooks; then a stop signal is honoured."""
         runner = self.runner
         runner.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
-        with dist.naming_collective_failures(f"the train step at iteration {self.iter + 1} "
-                                             f"({self.describe(self.iter + 1)})"):
+        with dist.naming_collective_failures(
+            f"the train step at iteration {self.iter + 1} ({self.describe(self.iter + 1)})"
+        ):
             runner.state, metrics = self.train_step(runner.state, to_device(batch, runner.device))
         self.iter += 1
         self.batches_done = batch_idx + 1
@@ -162,8 +163,10 @@ class TrainLoop:
         runner = self.runner
         path = runner.save_checkpoint(f"iter_{self.iter}")
         dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
-        runner.logger.info(f"Received {signal.Signals(signum).name}: saved checkpoint {path} at iteration "
-                           f"{self.iter}; resume with resume=True. Exiting.")
+        runner.logger.info(
+            f"Received {signal.Signals(signum).name}: saved checkpoint {path} at iteration "
+            f"{self.iter}; resume with resume=True. Exiting."
+        )
         runner.sync_model()
         raise SystemExit(128 + signum)
 
@@ -174,8 +177,11 @@ class TrainLoop:
 
     def validate_if_due(self, count: int, last: int) -> None:
         """Validates after ``count`` epochs or iterations (of ``last``) when ``val_interval`` says so."""
-        if self.runner.val_loop is not None and count >= self.val_begin and (
-                count % self.val_interval == 0 or count == last):
+        if (
+            self.runner.val_loop is not None
+            and count >= self.val_begin
+            and (count % self.val_interval == 0 or count == last)
+        ):
             self.check_finite()
             self.runner.val_loop.run()
 
@@ -194,8 +200,9 @@ class TrainLoop:
             return self.timer.batches(loader)
         self._epoch_start_rng = point["rng_epoch_start"]
         source, how = resume_position(loader, point["batch"], point["rng_epoch_start"], point["rng"])
-        self.runner.logger.info(f"Resuming the data loader at batch {point['batch']} of {len(loader)} "
-                                f"(skipped by {how})")
+        self.runner.logger.info(
+            f"Resuming the data loader at batch {point['batch']} of {len(loader)} (skipped by {how})"
+        )
         return self.timer.batches(source, start=point["batch"])
 
     # -- the position, for checkpoints ----------------------------------------------------------------------------
@@ -206,17 +213,25 @@ class TrainLoop:
     def position(self) -> dict[str, Any]:
         """Where the run stands, JSON-serialisable: what a checkpoint needs to resume it exactly."""
         return {
-            "epoch": self.epoch, "iter": self.iter, "batch": self.batches_done, "by_epoch": self.by_epoch,
-            "world_size": self.runner.world_size, "samples": self.batches_done * self.global_batch_size(),
-            "rng": rng.capture_global(self.dataloader), "rng_epoch_start": self._epoch_start_rng,
+            "epoch": self.epoch,
+            "iter": self.iter,
+            "batch": self.batches_done,
+            "by_epoch": self.by_epoch,
+            "world_size": self.runner.world_size,
+            "samples": self.batches_done * self.global_batch_size(),
+            "rng": rng.capture_global(self.dataloader),
+            "rng_epoch_start": self._epoch_start_rng,
         }
 
     def restore(self, position: Mapping[str, Any]) -> None:
         """Continues from a `position` of this run, possibly written by a different number of ranks."""
         self.epoch, self.iter = int(position["epoch"]), int(position["iter"])
         self.batches_done = self._resumed_batches(position)
-        self._resume_point = {"batch": self.batches_done, "rng": position["rng"],
-                              "rng_epoch_start": position.get("rng_epoch_start") or position["rng"]}
+        self._resume_point = {
+            "batch": self.batches_done,
+            "rng": position["rng"],
+            "rng_epoch_start": position.get("rng_epoch_start") or position["rng"],
+        }
 
     def _resumed_batches(self, position: Mapping[str, Any]) -> int:
         """Batches of the current pass already trained on, for this run's ranks: a checkpoint records how many
@@ -230,10 +245,13 @@ class TrainLoop:
             self.runner.logger.warning(
                 f"The checkpoint was written by {saved_world} ranks after {samples} samples of the epoch, which is "
                 f"not a whole number of this run's global batches ({per_step}); resuming at batch "
-                f"{samples // per_step}, so the rest of this epoch's data differs from the original run.")
+                f"{samples // per_step}, so the rest of this epoch's data differs from the original run."
+            )
         else:
-            self.runner.logger.info(f"Resuming a {saved_world}-rank run on {self.runner.world_size} rank(s) at "
-                                    f"sample {samples} of the epoch.")
+            self.runner.logger.info(
+                f"Resuming a {saved_world}-rank run on {self.runner.world_size} rank(s) at "
+                f"sample {samples} of the epoch."
+            )
         return samples // per_step
 
 
@@ -300,10 +318,18 @@ class IterBasedTrainLoop(TrainLoop):
         self.runner.call_hook("after_train_epoch")
 
 
-def build_train_loop(runner: Runner, train_cfg: Mapping[str, Any], dataloader: Any) -> TrainLoop:
-    """The train loop ``train_cfg`` describes: ``by_epoch=True`` (or ``type="EpochBasedTrainLoop"``) with
-    ``max_epochs``, or ``by_epoch=False`` (or ``type="IterBasedTrainLoop"``) with ``max_iters``; typos and a
-    missing length are errors."""
+def build_train_loop(
+    runner: Runner, train_cfg: Mapping[str, Any] | None, dataloader: Any, optim_wrapper: Any
+) -> TrainLoop | None:
+    """The train loop ``train_cfg`` describes (``None`` without one): ``by_epoch=True`` (or
+    ``type="EpochBasedTrainLoop"``) with ``max_epochs``, or ``by_epoch=False`` (or ``type="IterBasedTrainLoop"``)
+    with ``max_iters``. Typos, a missing length and a loader without ``train_cfg`` or ``optim_wrapper`` are
+    errors."""
+    if dataloader is not None and (train_cfg is None or optim_wrapper is None):
+        missing = [n for n, v in (("train_cfg", train_cfg), ("optim_wrapper", optim_wrapper)) if v is None]
+        raise ConfigError(f"train_dataloader is set but {' and '.join(missing)} is missing")
+    if train_cfg is None:
+        return None
     cfg = dict(train_cfg)
     check_keys("train_cfg", cfg, {"type", "by_epoch", "max_epochs", "max_iters", "val_interval", "val_begin"})
     loop = LOOPS.resolve(cfg.pop("type"), "train_cfg.type") if "type" in cfg else None
@@ -322,64 +348,3 @@ def build_train_loop(runner: Runner, train_cfg: Mapping[str, Any], dataloader: A
     if not isinstance(cfg[needed], int) or cfg[needed] < 1:
         raise ConfigError(f"train_cfg.{needed} must be a positive int, got {cfg[needed]!r}")
     return loop(runner, dataloader, **cfg)
-
-
-class EvalLoop:
-    """One pass of the eval step over a loader, feeding the outputs to the metrics (``mode``: val or test).
-    ``fp16=True`` (MMEngine's ValLoop option) runs the forward pass under float16 autocast."""
-
-    def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, mode: str, fp16: bool = False):
-        self.runner, self.dataloader, self.evaluator, self.mode = runner, dataloader, evaluator, mode
-        self.amp = "fp16" if fp16 else None
-        self.timer = IterTimer(runner.timing)
-        self.eval_step: EvalStep | None = None
-
-    def run(self) -> dict[str, Any]:
-        """Evaluates the current state; returns the metrics."""
-        runner, mode = self.runner, self.mode
-        if self.eval_step is None:
-            self.eval_step = make_eval_step(runner.model, compile=runner.compile, amp=self.amp,
-                                            dynamic_batch=is_ragged(self.dataloader))
-        runner.call_hook(f"before_{mode}")
-        runner.call_hook(f"before_{mode}_epoch")
-        state = runner.eval_state()
-        train_loader = runner.train_loop.dataloader if runner.train_loop is not None else None
-        with rng.forked_global(train_loader):  # evaluating must not change the next epoch's shuffle
-            for batch_idx, batch in self.timer.batches(self.dataloader):
-                runner.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
-                outputs = self.eval_step(state, to_device(batch, runner.device))
-                self.evaluator.process(data_samples=outputs, data_batch=batch)
-                self.timer.end_iter()
-                runner.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
-        size = len(self.dataloader.dataset) if hasattr(self.dataloader, "dataset") else len(self.dataloader)
-        with dist.naming_collective_failures(f"gathering the {mode} results"):
-            metrics = self.evaluator.evaluate(size)
-        runner.last_metrics = metrics
-        runner.call_hook(f"after_{mode}_epoch", metrics=metrics)
-        runner.call_hook(f"after_{mode}")
-        runner.sync_model()
-        return metrics
-
-
-@LOOPS.register
-class ValLoop(EvalLoop):
-    def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, fp16: bool = False):
-        super().__init__(runner, dataloader, evaluator, "val", fp16)
-
-
-@LOOPS.register
-class TestLoop(EvalLoop):
-    def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, fp16: bool = False):
-        super().__init__(runner, dataloader, evaluator, "test", fp16)
-
-
-def build_eval_loop(runner: Runner, mode: str, cfg: Mapping[str, Any] | None, dataloader: Any,
-                    metrics: Any) -> EvalLoop | None:
-    """The ``val_cfg`` / ``test_cfg`` loop (``type``: ``"ValLoop"`` / ``"TestLoop"``; ``fp16``) over
-    ``dataloader`` with ``metrics`` (``{mode}_evaluator``); ``None`` without a loader."""
-    if dataloader is None:
-        return None
-    evaluator = Evaluator(metrics, f"{mode}_evaluator")
-    default = ValLoop if mode == "val" else TestLoop
-    return LOOPS.build(dict(cfg or {}), f"{mode}_cfg", default_type=default, runner=runner, dataloader=dataloader,
-                       evaluator=evaluator)

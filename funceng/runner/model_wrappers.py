@@ -24,19 +24,23 @@ MODEL_WRAPPERS = Registry("model wrapper", by_name=True)
 
 
 @MODEL_WRAPPERS.register(name="MMDistributedDataParallel")
-def data_parallel(model: nn.Module, device: torch.device, world_size: int,
-                  find_unused_parameters: bool | None = None) -> nn.Module:
+def data_parallel(
+    model: nn.Module, device: torch.device, world_size: int, find_unused_parameters: bool | None = None
+) -> nn.Module:
     if find_unused_parameters is not None:
         compat.ignored("model_wrapper_cfg.find_unused_parameters")
     return model.to(device)
 
 
 @MODEL_WRAPPERS.register(name="MMFullyShardedDataParallel")
-def fully_sharded(model: nn.Module, device: torch.device, world_size: int,
-                  shard_modules: Sequence[type] | type = ()) -> nn.Module:
+def fully_sharded(
+    model: nn.Module, device: torch.device, world_size: int, shard_modules: Sequence[type] | type = ()
+) -> nn.Module:
     if world_size == 1:
-        raise ConfigError("model_wrapper_cfg: MMFullyShardedDataParallel shards over several ranks; start "
-                          "with torchrun --nproc_per_node=N and launcher='pytorch'")
+        raise ConfigError(
+            "model_wrapper_cfg: MMFullyShardedDataParallel shards over several ranks; start "
+            "with torchrun --nproc_per_node=N and launcher='pytorch'"
+        )
     classes = (shard_modules,) if isinstance(shard_modules, type) else tuple(shard_modules)
     # sharded where it is built (the CPU, say); FSDP2 moves each unit's shard to the device
     fully_shard_model(model, classes or None, device=device)
@@ -45,5 +49,13 @@ def fully_sharded(model: nn.Module, device: torch.device, world_size: int,
 
 def wrap_model(model: nn.Module, cfg: Mapping[str, Any] | None, device: torch.device, world_size: int) -> nn.Module:
     """``model`` on ``device``, sharded if ``cfg`` asks for it."""
-    return MODEL_WRAPPERS.build(dict(cfg or {}), "model_wrapper_cfg", default_type="MMDistributedDataParallel",
-                                model=model, device=device, world_size=world_size)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module (a BaseModel), got {type(model).__name__}")
+    return MODEL_WRAPPERS.build(
+        dict(cfg or {}),
+        "model_wrapper_cfg",
+        default_type="MMDistributedDataParallel",
+        model=model,
+        device=device,
+        world_size=world_size,
+    )

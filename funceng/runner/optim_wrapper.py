@@ -33,8 +33,14 @@ OPTIM_WRAPPERS = Registry("optimizer wrapper", by_name=True)
 OPTIM_WRAPPERS.register(OptimWrapper)
 OPTIM_WRAPPERS.register(AmpOptimWrapper)
 WRAPPER_KEYS = {"type", "optimizer", "clip_grad", "accumulative_counts", "dtype", "paramwise_cfg", "loss_scale"}
-PARAMWISE_KEYS = {"custom_keys", "bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "dwconv_decay_mult",
-                  "flat_decay_mult"}
+PARAMWISE_KEYS = {
+    "custom_keys",
+    "bias_lr_mult",
+    "bias_decay_mult",
+    "norm_decay_mult",
+    "dwconv_decay_mult",
+    "flat_decay_mult",
+}
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 AMP_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -67,8 +73,9 @@ def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., op
     return factory, kwargs
 
 
-def build_optimizer(optim_wrapper: Mapping[str, Any], model: nn.Module, lr: Any = None,
-                    sharded: bool = False) -> OptimizerSetup:
+def build_optimizer(
+    optim_wrapper: Mapping[str, Any], model: nn.Module, lr: Any = None, sharded: bool = False
+) -> OptimizerSetup:
     """The optimizer that ``optim_wrapper`` describes for ``model``.
 
     ``lr`` (a schedule from ``param_scheduler``) replaces the constant learning rate; param groups from
@@ -84,8 +91,10 @@ def build_optimizer(optim_wrapper: Mapping[str, Any], model: nn.Module, lr: Any 
         mults = paramwise_multipliers(model, paramwise)
         decay = kwargs.get("weight_decay", inspect.signature(factory).parameters["weight_decay"].default)
         label = lambda lr_mult, decay_mult: f"lr_mult={lr_mult},decay_mult={decay_mult}"  # noqa: E731
-        transforms = {label(lm, dm): factory(**{**kwargs, "lr": _scaled(lr, lm), "weight_decay": decay * dm})
-                      for lm, dm in sorted(set(mults.values()))}
+        transforms = {
+            label(lm, dm): factory(**{**kwargs, "lr": _scaled(lr, lm), "weight_decay": decay * dm})
+            for lm, dm in sorted(set(mults.values()))
+        }
         tx = optim.partition(transforms, {name: label(lm, dm) for name, (lm, dm) in mults.items()})
     else:
         tx = factory(**{**kwargs, "lr": lr})
@@ -98,8 +107,10 @@ def build_optimizer(optim_wrapper: Mapping[str, Any], model: nn.Module, lr: Any 
         amp = AMP_DTYPES[dtype]
         loss_scale = optim_wrapper.get("loss_scale", "dynamic")
         if loss_scale != "dynamic":
-            raise ConfigError(f"optim_wrapper.loss_scale: only 'dynamic' loss scaling is supported (as "
-                              f"torch.amp.GradScaler's defaults), got {loss_scale!r}")
+            raise ConfigError(
+                f"optim_wrapper.loss_scale: only 'dynamic' loss scaling is supported (as "
+                f"torch.amp.GradScaler's defaults), got {loss_scale!r}"
+            )
     elif "dtype" in optim_wrapper or "loss_scale" in optim_wrapper:
         raise ConfigError("optim_wrapper: 'dtype' and 'loss_scale' need type='AmpOptimWrapper'")
     accumulate = int(optim_wrapper.get("accumulative_counts", 1))
@@ -117,7 +128,8 @@ def _with_clipping(tx: optim.GradientTransformation, clip: Mapping | None, shard
         if clip.get("error_if_nonfinite", False):
             raise ConfigError(
                 "optim_wrapper.clip_grad.error_if_nonfinite=True is not supported: a pure step cannot raise "
-                "without a host sync. funceng stops the run when the loss becomes non-finite, naming the iteration")
+                "without a host sync. funceng stops the run when the loss becomes non-finite, naming the iteration"
+            )
         return optim.chain(optim.clip_by_global_norm(clip["max_norm"], across_ranks=sharded), tx)
     if clip_type == "value":
         check_keys("optim_wrapper.clip_grad", clip, {"type", "clip_value"})
@@ -163,8 +175,9 @@ def _scaled(lr: float | Callable, mult: float) -> float | Callable:
     return lr * mult
 
 
-def scale_lr(optim_wrapper: Mapping[str, Any], auto_scale_lr: Mapping[str, Any], global_batch: int | None,
-             logger: Any) -> Mapping[str, Any]:
+def scale_lr(
+    optim_wrapper: Mapping[str, Any], auto_scale_lr: Mapping[str, Any], global_batch: int | None, logger: Any
+) -> Mapping[str, Any]:
     """``auto_scale_lr``, the linear scaling rule: the optimizer's ``lr`` times ``global_batch *
     accumulative_counts / base_batch_size``; the dict (its keys checked by the Runner) turns it on unless
     ``enable=False``."""
@@ -179,6 +192,8 @@ def scale_lr(optim_wrapper: Mapping[str, Any], auto_scale_lr: Mapping[str, Any],
         raise ConfigError("auto_scale_lr: optim_wrapper.optimizer has no 'lr' to scale")
     real = global_batch * int(optim_wrapper.get("accumulative_counts", 1))
     ratio = real / auto_scale_lr["base_batch_size"]
-    logger.info(f"LR is set based on batch size of {auto_scale_lr['base_batch_size']} and the current batch size "
-                f"is {real}. Scaling the original LR by {ratio}.")
+    logger.info(
+        f"LR is set based on batch size of {auto_scale_lr['base_batch_size']} and the current batch size "
+        f"is {real}. Scaling the original LR by {ratio}."
+    )
     return {**optim_wrapper, "optimizer": {**opt_cfg, "lr": opt_cfg["lr"] * ratio}}

@@ -60,8 +60,12 @@ def exponential_lr(span: Span, gamma: float):
 
 
 @SCHEDULERS.register(name="CosineAnnealingLR")
-def cosine_annealing_lr(span: Span, T_max: float | None = None, eta_min: float = 0.0,  # noqa: N803 (MMEngine's name)
-                        eta_min_ratio: float | None = None):
+def cosine_annealing_lr(
+    span: Span,
+    T_max: float | None = None,
+    eta_min: float = 0.0,  # noqa: N803 (MMEngine's name)
+    eta_min_ratio: float | None = None,
+):
     t_max = (span.length / span.scale if T_max is None else T_max) * span.scale
     ratio = eta_min_ratio if eta_min_ratio is not None else eta_min / span.base_lr
     return schedules.cosine_annealing(1.0, t_max, ratio)
@@ -73,12 +77,20 @@ def poly_lr(span: Span, eta_min: float = 0.0, power: float = 1.0):
 
 
 @SCHEDULERS.register(name="OneCycleLR")
-def one_cycle_lr(span: Span, eta_max: float, total_steps: int | None = None, pct_start: float = 0.3,
-                 anneal_strategy: str = "cos", div_factor: float = 25.0, final_div_factor: float = 1e4,
-                 three_phase: bool = False):
+def one_cycle_lr(
+    span: Span,
+    eta_max: float,
+    total_steps: int | None = None,
+    pct_start: float = 0.3,
+    anneal_strategy: str = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+):
     total = (span.length / span.scale if total_steps is None else total_steps) * span.scale
-    return schedules.one_cycle(eta_max / span.base_lr, int(total), pct_start, anneal_strategy, div_factor,
-                               final_div_factor, three_phase)
+    return schedules.one_cycle(
+        eta_max / span.base_lr, int(total), pct_start, anneal_strategy, div_factor, final_div_factor, three_phase
+    )
 
 
 def _part(cfg: Mapping, where: str, base_lr: float, epoch_length: int):
@@ -92,8 +104,9 @@ def _part(cfg: Mapping, where: str, base_lr: float, epoch_length: int):
     if cfg.get("verbose"):
         compat.ignored("param_scheduler.verbose")
     if cfg.get("last_step", -1) != -1:
-        raise ConfigError(f"{where}.last_step: the position of a resumed run comes from its checkpoint; "
-                          "leave last_step at -1")
+        raise ConfigError(
+            f"{where}.last_step: the position of a resumed run comes from its checkpoint; leave last_step at -1"
+        )
     by_epoch = cfg.get("by_epoch", True)
     unit = epoch_length if by_epoch else 1
     iter_based = not by_epoch or cfg.get("convert_to_iter_based", False)
@@ -110,8 +123,9 @@ def _part(cfg: Mapping, where: str, base_lr: float, epoch_length: int):
     return begin, end, unit, iter_based, factor
 
 
-def build_lr_schedule(param_scheduler: Mapping | Sequence[Mapping] | None, base_lr: float, epoch_length: int,
-                      accumulate: int = 1) -> Callable | None:
+def build_lr_schedule(
+    param_scheduler: Mapping | Sequence[Mapping] | None, base_lr: float, epoch_length: int, accumulate: int = 1
+) -> Callable | None:
     """The learning rate as a function of the optimizer's update count (``None`` without schedulers).
 
     Schedulers count iterations; with ``accumulate`` iterations per update, update ``n`` happens at iteration

@@ -7,23 +7,24 @@ share: the model, the `TrainState` and the hooks. The loops do the running.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from funceng import binding, dist
+from funceng import binding, dist, optim
 from funceng.errors import ConfigError, check_keys
-from funceng.model import MODELS
+from funceng.model import build_model
 from funceng.runner import compat
 from funceng.runner.checkpointer import Checkpointer
 from funceng.runner.data import build_dataloader, is_ragged
-from funceng.runner.env import RunEnvironment, open_run_log
+from funceng.runner.env import RunEnvironment, default_device, open_run_log
+from funceng.runner.eval_loops import EvalLoop, build_eval_loop
 from funceng.runner.hooks import CheckpointHook, EMAHook, Hook, build_hooks
-from funceng.runner.loops import EvalLoop, TrainLoop, build_eval_loop, build_train_loop
+from funceng.runner.loops import build_train_loop
 from funceng.runner.model_wrappers import wrap_model
 from funceng.runner.optim_wrapper import build_optimizer, scale_lr
 from funceng.runner.param_scheduler import build_lr_schedule
@@ -40,38 +41,55 @@ class Runner:
     Use it as a context manager, or call `close`, to close its log and scalar files.
     """
 
-    def __init__(self, model: nn.Module, work_dir: str | os.PathLike, train_dataloader: Any = None,
-                 val_dataloader: Any = None, test_dataloader: Any = None, train_cfg: Mapping | None = None,
-                 val_cfg: Mapping | None = None, test_cfg: Mapping | None = None, optim_wrapper: Mapping | None = None,
-                 param_scheduler: Mapping | Sequence[Mapping] | None = None, val_evaluator: Any = None,
-                 test_evaluator: Any = None, default_hooks: Mapping | None = None, custom_hooks: Sequence | None = None,
-                 load_from: str | None = None, resume: bool | str = False, randomness: Mapping | None = None,
-                 compile: bool | str | dict = False, experiment_name: str | None = None, log_level: str = "INFO",
-                 cfg: Any = None, default_scope: str | None = None, env_cfg: Mapping | None = None,
-                 launcher: str = "none", visualizer: Mapping | None = None, auto_scale_lr: Mapping | None = None,
-                 model_wrapper_cfg: Mapping | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        work_dir: str | os.PathLike,
+        train_dataloader: Any = None,
+        val_dataloader: Any = None,
+        test_dataloader: Any = None,
+        train_cfg: Mapping | None = None,
+        val_cfg: Mapping | None = None,
+        test_cfg: Mapping | None = None,
+        optim_wrapper: Mapping | None = None,
+        param_scheduler: Mapping | Sequence[Mapping] | None = None,
+        val_evaluator: Any = None,
+        test_evaluator: Any = None,
+        default_hooks: Mapping | None = None,
+        custom_hooks: Sequence | None = None,
+        load_from: str | None = None,
+        resume: bool | str = False,
+        randomness: Mapping | None = None,
+        compile: bool | str | dict = False,
+        experiment_name: str | None = None,
+        log_level: str = "INFO",
+        cfg: Any = None,
+        default_scope: str | None = None,
+        env_cfg: Mapping | None = None,
+        launcher: str = "none",
+        visualizer: Mapping | None = None,
+        auto_scale_lr: Mapping | None = None,
+        model_wrapper_cfg: Mapping | None = None,
+    ):
         self.work_dir = Path(work_dir).resolve()
-        _check_pairs(self.work_dir, model, train_dataloader, train_cfg, optim_wrapper,
-                     {"val": (val_dataloader, val_evaluator), "test": (test_dataloader, test_evaluator)})
+        if self.work_dir.exists() and not self.work_dir.is_dir():
+            raise ConfigError(f"work_dir {self.work_dir} exists and is a file; it must be a directory")
         for name, value in (("experiment_name", experiment_name), ("cfg", cfg), ("default_scope", default_scope)):
             if value is not None:
                 compat.ignored(f"Runner({name})")
         self.env = RunEnvironment.start(launcher, env_cfg, randomness)
         self.rank, self.world_size, self.seed = self.env.rank, self.env.world_size, self.env.seed
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = default_device()
         self.timing = {"time": 0.0, "data_time": 0.0}
         self.train_dataloader = build_dataloader(train_dataloader, "train_dataloader", self.seed, train=True)
         self.val_dataloader = build_dataloader(val_dataloader, "val_dataloader", self.seed, train=False)
         self.test_dataloader = build_dataloader(test_dataloader, "test_dataloader", self.seed, train=False)
-        self.optim_wrapper, self.param_scheduler, self.load_from, self.resume_from = \
-            optim_wrapper, param_scheduler, load_from, resume
+        self.optim_wrapper, self.param_scheduler = optim_wrapper, param_scheduler
+        self.load_from, self.resume_from = load_from, resume
         self.auto_scale_lr = dict(auto_scale_lr or {})
         check_keys("auto_scale_lr", self.auto_scale_lr, {"base_batch_size", "enable"})
         self.train_cfg, self.compile = train_cfg, compile
-        self.train_loop: TrainLoop | None = None
-        if train_cfg is not None:
-            self.train_loop = build_train_loop(self, train_cfg, self.train_dataloader)
+        self.train_loop = build_train_loop(self, train_cfg, self.train_dataloader, optim_wrapper)
         self.val_loop = build_eval_loop(self, "val", val_cfg, self.val_dataloader, val_evaluator)
         self.test_loop = build_eval_loop(self, "test", test_cfg, self.test_dataloader, test_evaluator)
         self.model = wrap_model(model, model_wrapper_cfg, self.device, self.world_size)
@@ -94,20 +112,14 @@ class Runner:
     def from_cfg(cls, cfg: Mapping[str, Any]) -> Runner:
         """A Runner from a config's variables (see `funceng.config.load_config`); other variables are ignored.
 
-        ``model`` may be a module or a dict with ``type`` (a class) and its keyword arguments.
+        ``model`` may be a module or a dict with ``type`` (a class or a registered name) and its arguments.
         """
-        import inspect
-
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         kwargs = {k: v for k, v in cfg.items() if k in names}
         missing = [k for k in ("model", "work_dir") if k not in kwargs]
         if missing:
             raise ConfigError(f"config: missing {missing}")
-        model = kwargs["model"]
-        kwargs["model"] = model if isinstance(model, nn.Module) else MODELS.build(model, "model")
-        if not isinstance(kwargs["model"], nn.Module):
-            raise ConfigError(f"model: {type(kwargs['model']).__name__} is not an nn.Module")
-        return cls(**kwargs)
+        return cls(**{**kwargs, "model": build_model(kwargs["model"])})
 
     # -- what hooks and MMEngine users read ---------------------------------------------------------------------
 
@@ -146,8 +158,12 @@ class Runner:
 
     def config_summary(self) -> dict[str, Any]:
         """The run's training config, as checkpoints record it."""
-        return {"train_cfg": self.train_cfg, "optim_wrapper": self.optim_wrapper,
-                "param_scheduler": self.param_scheduler, "compile": self.compile}
+        return {
+            "train_cfg": self.train_cfg,
+            "optim_wrapper": self.optim_wrapper,
+            "param_scheduler": self.param_scheduler,
+            "compile": self.compile,
+        }
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -182,8 +198,6 @@ class Runner:
             if self.resume_from:
                 self.checkpointer.resume(self.resume_from)
         elif self.state is None:
-            from funceng import optim
-
             self._create_state(optim.sgd(0.0))  # evaluation only: no optimizer state worth having
 
     def _build_training(self) -> None:
@@ -198,8 +212,9 @@ class Runner:
         schedule = build_lr_schedule(self.param_scheduler, base_lr, len(loader), accumulate)
         setup = build_optimizer(self.optim_wrapper, self.model, schedule, sharded=self.sharded)
         self._create_state(setup.tx)
-        self.train_loop.train_step = make_train_step(self.model, setup.tx, compile=self.compile, amp=setup.amp,
-                                                     donate=True, dynamic_batch=is_ragged(loader))
+        self.train_loop.train_step = make_train_step(
+            self.model, setup.tx, compile=self.compile, amp=setup.amp, donate=True, dynamic_batch=is_ragged(loader)
+        )
 
     def _create_state(self, tx: Any) -> None:
         """The state for ``tx``: the model's current weights, the hooks' extra tensors, rank 0's values on every
@@ -247,19 +262,3 @@ class Runner:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _check_pairs(work_dir: Path, model: Any, train_dataloader: Any, train_cfg: Any, optim_wrapper: Any,
-                 evaluated: dict[str, tuple[Any, Any]]) -> None:
-    """Arguments that only work together, and a usable work_dir and model, before anything is set up."""
-    if work_dir.exists() and not work_dir.is_dir():
-        raise ConfigError(f"work_dir {work_dir} exists and is a file; it must be a directory")
-    if train_dataloader is not None and (train_cfg is None or optim_wrapper is None):
-        missing = [n for n, v in (("train_cfg", train_cfg), ("optim_wrapper", optim_wrapper)) if v is None]
-        raise ConfigError(f"train_dataloader is set but {' and '.join(missing)} is missing")
-    for name, (loader, evaluator) in evaluated.items():
-        if loader is not None and evaluator is None:
-            raise ConfigError(f"{name}_dataloader is set but {name}_evaluator is missing: pass "
-                              f"{name}_evaluator=dict(type=YourMetric) (a BaseMetric subclass)")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be an nn.Module (a BaseModel), got {type(model).__name__}")

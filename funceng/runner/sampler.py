@@ -27,8 +27,15 @@ class DefaultSampler(Sampler[int]):
     ``world_size`` default to the process group's.
     """
 
-    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0, round_up: bool = True,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        dataset: Sized,
+        shuffle: bool = True,
+        seed: int = 0,
+        round_up: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         self.dataset, self.shuffle, self.seed, self.round_up = dataset, shuffle, seed, round_up
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size
@@ -48,7 +55,7 @@ class DefaultSampler(Sampler[int]):
             indices = list(range(n))
         if self.round_up and n:
             indices = (indices * math.ceil(self.total_size / n))[: self.total_size]
-        return iter(indices[self.rank: self.total_size: self.world_size])
+        return iter(indices[self.rank : self.total_size : self.world_size])
 
     def __len__(self) -> int:
         return len(range(self.rank, self.total_size, self.world_size))
@@ -78,16 +85,26 @@ def shard_loader(loader: object, name: str, seed: int, train: bool) -> object:
         )
     shuffle = isinstance(loader.sampler, RandomSampler)
     sampler = DefaultSampler(loader.dataset, shuffle=shuffle and train, seed=seed, round_up=train)
-    return DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size, drop_last=loader.drop_last,
-                      **loading_options(loader))
+    return DataLoader(
+        loader.dataset,
+        sampler=sampler,
+        batch_size=loader.batch_size,
+        drop_last=loader.drop_last,
+        **loading_options(loader),
+    )
 
 
 def loading_options(loader: DataLoader) -> dict:
     """How ``loader`` loads (workers, collation, pinning, ...), to rebuild it around another sampler."""
     options = dict(
-        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-        multiprocessing_context=loader.multiprocessing_context, persistent_workers=loader.persistent_workers,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+        multiprocessing_context=loader.multiprocessing_context,
+        persistent_workers=loader.persistent_workers,
     )
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor

@@ -1,0 +1,107 @@
+"""The `Hook` base class, the registry of hooks, and the hooks of a run built from its config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from funceng.errors import ConfigError, check_keys
+from funceng.registry import Registry
+from funceng.runner import compat
+
+if TYPE_CHECKING:
+    from funceng.runner.runner import Runner
+
+HOOKS = Registry("hook")
+PRIORITIES = {
+    "HIGHEST": 0,
+    "VERY_HIGH": 10,
+    "HIGH": 30,
+    "ABOVE_NORMAL": 40,
+    "NORMAL": 50,
+    "BELOW_NORMAL": 60,
+    "LOW": 70,
+    "VERY_LOW": 90,
+    "LOWEST": 100,
+}
+
+
+class Hook:
+    """Base class: override the stages you need. ``priority`` (a name or an int, lower runs first) orders hooks."""
+
+    priority: str | int = "NORMAL"
+
+    def before_run(self, runner: Runner) -> None: ...
+    def after_run(self, runner: Runner) -> None: ...
+    def before_train(self, runner: Runner) -> None: ...
+    def after_train(self, runner: Runner) -> None: ...
+    def before_train_epoch(self, runner: Runner) -> None: ...
+    def after_train_epoch(self, runner: Runner) -> None: ...
+    def before_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
+    def before_val(self, runner: Runner) -> None: ...
+    def after_val(self, runner: Runner) -> None: ...
+    def before_val_epoch(self, runner: Runner) -> None: ...
+    def after_val_epoch(self, runner: Runner, metrics: dict[str, Any] | None = None) -> None: ...
+    def before_val_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
+    def after_val_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
+    def before_test(self, runner: Runner) -> None: ...
+    def after_test(self, runner: Runner) -> None: ...
+    def before_test_epoch(self, runner: Runner) -> None: ...
+    def after_test_epoch(self, runner: Runner, metrics: dict[str, Any] | None = None) -> None: ...
+    def before_test_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None) -> None: ...
+    def after_test_iter(self, runner: Runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None: ...
+    def before_save_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        """``checkpoint`` is the metadata about to be saved with the state; add JSON-serialisable entries."""
+
+    def after_load_checkpoint(self, runner: Runner, checkpoint: dict) -> None:
+        """``checkpoint`` is the metadata of the checkpoint just resumed from."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state saved in checkpoints, so a resumed run continues where it stopped."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what `state_dict` returned."""
+
+    def extra_state(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Tensors this hook keeps in the TrainState (created once, saved and resumed with it)."""
+        return {}
+
+    @property
+    def priority_value(self) -> int:
+        return PRIORITIES[self.priority] if isinstance(self.priority, str) else int(self.priority)
+
+
+DEFAULT_HOOKS = {"logger": "LoggerHook", "checkpoint": "CheckpointHook"}  # registered by their modules
+BUILT_IN_DEFAULT_HOOKS = ("timer", "runtime_info", "param_scheduler", "sampler_seed", "visualization")
+
+
+def build_hooks(default_hooks: Mapping[str, Any] | None, custom_hooks: Sequence[Any] | None) -> list[Hook]:
+    """The run's hooks in priority order: ``default_hooks`` (``logger`` and ``checkpoint`` unless set to
+    ``None``; MMEngine's other default hooks are built into the loops) and ``custom_hooks``."""
+    default_hooks, custom_hooks = dict(default_hooks or {}), list(custom_hooks or [])
+    check_keys("default_hooks", default_hooks, set(DEFAULT_HOOKS) | set(BUILT_IN_DEFAULT_HOOKS))
+    hooks = []
+    for name, type_name in DEFAULT_HOOKS.items():
+        cfg = default_hooks.get(name, {})
+        if cfg is not None:  # None disables it
+            hooks.append(_build_hook(cfg, f"default_hooks.{name}", type_name))
+    for name in BUILT_IN_DEFAULT_HOOKS:
+        if default_hooks.get(name) is not None:
+            compat.ignored(f"default_hooks.{name}")
+    hooks += [_build_hook(cfg, f"custom_hooks[{i}]") for i, cfg in enumerate(custom_hooks)]
+    return sorted(hooks, key=lambda h: h.priority_value)
+
+
+def _build_hook(cfg: Any, where: str, default_type: str | None = None) -> Hook:
+    if isinstance(cfg, Hook):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"{where}: expected a Hook or a dict, got {type(cfg).__name__}")
+    hook = HOOKS.build(cfg, where, default_type=default_type)
+    if not isinstance(hook, Hook):
+        raise ConfigError(f"{where}: {type(hook).__name__} is not a Hook")
+    return hook
