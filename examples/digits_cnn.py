@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    runner = Runner(
+    with Runner(
         model=DigitsCNN(),
         work_dir=args.work_dir,
         train_dataloader=DataLoader(DigitsDataset("train"), batch_size=32, shuffle=True),
@@ -100,8 +100,8 @@ def main() -> None:
         default_hooks=dict(logger=dict(interval=10), checkpoint=dict(interval=5, save_best="accuracy")),
         visualizer=dict(vis_backends=[dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]),
         randomness=dict(seed=0),
-    )
-    runner.train()
+    ) as runner:  # closes the log and the TensorBoard writer at the end
+        runner.train()
     metrics = runner.last_metrics
     plots = plot_run(runner.work_dir)
     print()

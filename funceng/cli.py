@@ -64,16 +64,16 @@ def _runner(args: argparse.Namespace, **overrides):
 
 
 def train(args: argparse.Namespace) -> int:
-    runner = _runner(args, **({"resume": True} if args.resume else {}))
-    runner.train()
+    with _runner(args, **({"resume": True} if args.resume else {})) as runner:
+        runner.train()
     if runner.rank == 0:
         _where(runner)
     return 0
 
 
 def test(args: argparse.Namespace) -> int:
-    runner = _runner(args, load_from=args.checkpoint, resume=False)
-    metrics = runner.test() if runner.test_dataloader is not None else runner.val()
+    with _runner(args, load_from=args.checkpoint, resume=False) as runner:
+        metrics = runner.test() if runner.test_dataloader is not None else runner.val()
     if runner.rank == 0:
         print(json.dumps(metrics, indent=2, default=float))
     return 0

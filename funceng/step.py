@@ -182,8 +182,8 @@ class TrainStep(_Step):
         self._generators: StateGenerators | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
-        check_state(state)
         if not self.donate:
+            check_state(state)  # a donated state has nothing to clone
             state = state.clone()
         leaves = self._leaves_of(state)
         self._prepare(leaves, batch, training=True)
