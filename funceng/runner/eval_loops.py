@@ -9,7 +9,7 @@ from funceng import dist, rng
 from funceng.errors import ConfigError
 from funceng.evaluator import Evaluator
 from funceng.runner.data import is_ragged, to_device
-from funceng.runner.loops import LOOPS, IterTimer
+from funceng.runner.loops import LOOPS
 from funceng.step import EvalStep, make_eval_step
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ class EvalLoop:
     def __init__(self, runner: Runner, dataloader: Any, evaluator: Evaluator, mode: str, fp16: bool = False):
         self.runner, self.dataloader, self.evaluator, self.mode = runner, dataloader, evaluator, mode
         self.amp = "fp16" if fp16 else None
-        self.timer = IterTimer(runner.timing)
+        self.timer = runner.timer
         self.eval_step: EvalStep | None = None
 
     def run(self) -> dict[str, Any]:

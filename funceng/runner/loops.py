@@ -32,11 +32,12 @@ LOOPS = Registry("loop", by_name=True)
 
 
 class IterTimer:
-    """``time`` (a whole iteration, loading included) and ``data_time`` (the wait for its batch), written into
-    ``runner.timing`` as MMEngine's IterTimerHook does."""
+    """``timing["time"]`` (a whole iteration, loading included) and ``timing["data_time"]`` (the wait for its
+    batch), as MMEngine's IterTimerHook measures them. One per Runner, shared by its loops: the first training
+    iteration after a validation does not count the validation."""
 
-    def __init__(self, timing: dict[str, float]):
-        self.timing = timing
+    def __init__(self):
+        self.timing = {"time": 0.0, "data_time": 0.0}
         self._tick = time.perf_counter()
 
     def batches(self, loader: Iterable, start: int = 0) -> Iterable[tuple[int, Any]]:
@@ -104,7 +105,7 @@ class TrainLoop:
         self.epoch = self.iter = 0
         self.batches_done = 0  # batches of the current pass over the loader already trained on
         self.stop_training = False
-        self.timer = IterTimer(runner.timing)
+        self.timer = runner.timer
         self.train_step: TrainStep | None = None  # built by the Runner with the optimizer
         self.nonfinite: NonFiniteLossCheck | None = None
         # iterations the loss check may trail the step by: 0 on the CPU (nothing runs ahead), 2 on CUDA

@@ -24,7 +24,7 @@ from funceng.runner.data import build_dataloader, is_ragged
 from funceng.runner.env import RunEnvironment, default_device, open_run_log
 from funceng.runner.eval_loops import EvalLoop, build_eval_loop
 from funceng.runner.hooks import CheckpointHook, EMAHook, Hook, build_hooks
-from funceng.runner.loops import build_train_loop
+from funceng.runner.loops import IterTimer, build_train_loop
 from funceng.runner.model_wrappers import wrap_model
 from funceng.runner.optim_wrapper import build_optimizer, scale_lr
 from funceng.runner.param_scheduler import build_lr_schedule
@@ -80,7 +80,8 @@ class Runner:
         self.env = RunEnvironment.start(launcher, env_cfg, randomness)
         self.rank, self.world_size, self.seed = self.env.rank, self.env.world_size, self.env.seed
         self.device = default_device()
-        self.timing = {"time": 0.0, "data_time": 0.0}
+        self.timer = IterTimer()
+        self.timing = self.timer.timing  # the latest iteration's time and data_time, for hooks
         self.train_dataloader = build_dataloader(train_dataloader, "train_dataloader", self.seed, train=True)
         self.val_dataloader = build_dataloader(val_dataloader, "val_dataloader", self.seed, train=False)
         self.test_dataloader = build_dataloader(test_dataloader, "test_dataloader", self.seed, train=False)
