@@ -51,8 +51,9 @@ class Registry:
 
     def register(self, obj: Any = None, *, name: str | None = None, implicit: bool = False) -> Any:
         """Registers ``obj`` under ``name`` (default: its ``__name__``); usable as a decorator. A different object
-        already registered under that name raises, unless both are ``implicit`` (then a lookup of the name will).
-        An object defined again at the same place (a script run twice) replaces the earlier one."""
+        already registered under that name raises, unless ``obj`` is registered ``implicitly`` (then a lookup of
+        the name raises instead). An object defined again at the same place (a script run twice) replaces the
+        earlier one."""
         if obj is None:
             return lambda target: self.register(target, name=name, implicit=implicit)
         key = name or type_name(obj)
