@@ -83,7 +83,8 @@ def _mark_batch_dynamic(tensor: Tensor) -> Tensor:
 
 class _Step:
     """What train and eval steps share: compile and AMP options, and the state's layout (from the first state
-    seen), with the leaves of the last state this step returned or saw kept, so they are not flattened again."""
+    seen). The leaves of the last state this step returned or saw are kept while that state lives, so the same
+    state coming back is not flattened (nor checked) again."""
 
     def __init__(self, model: nn.Module, fn: Callable, compile: bool | str | dict, amp: Any, dynamic_batch: bool):
         self.model = model
@@ -104,32 +105,40 @@ class _Step:
         self.device_type = next(model.parameters()).device.type
         self._fn = torch.compile(fn, **self.compile_options) if self.compiled else fn
         self._layout: _Layout | None = None
-        self._known: tuple[weakref.ref, list[Tensor]] | None = None  # (a state, its leaves)
-        self._prepared_leaves: list[Tensor] | None = None
+        self._known: tuple[weakref.ref, list[Tensor]] | None = None  # (a live state, its leaves)
 
     def _leaves_of(self, state: TrainState) -> list[Tensor]:
+        """The state's flat leaves: flattened, checked against the layout and prepared the first time."""
         check_state(state)
         if self._layout is None:
             self._layout = _Layout(state)
         if self._known is not None and self._known[0]() is state and state.is_locked:
             return self._known[1]
         leaves = self._layout.leaves(state)
+        self._prepare_state(leaves)
         self._remember(state, leaves)
         return leaves
 
     def _remember(self, state: TrainState, leaves: list[Tensor]) -> None:
-        self._known = (weakref.ref(state), leaves)
+        self._known = (weakref.ref(state, self._forget), leaves)
 
-    def _prepare(self, leaves: list[Tensor], batch: Any, training: bool) -> None:
-        """Checks and marks made once per state or per call, outside the (compiled) function."""
-        if leaves is not self._prepared_leaves:
-            if self.sharded:  # a sharded model computes with its own parameters, so a copy would not be trained
-                params = [leaves[self._layout.template["params"][name]] for name in self._layout.param_names]
-                check_shares_storage(self.model, params)
-            if self.cuda_graphs:  # donation keeps the state's tensors at their addresses
-                for leaf in leaves:
-                    torch._dynamo.mark_static_address(leaf)
-            self._prepared_leaves = leaves
+    def _forget(self, dead: weakref.ref) -> None:
+        """A state this step remembered is gone: drop its leaves too (no hidden copy of a state stays alive)."""
+        if self._known is not None and self._known[0] is dead:
+            self._known = None
+
+    def _prepare_state(self, leaves: list[Tensor]) -> None:
+        """Checks and marks made once per new state, outside the (compiled) function."""
+        if self.sharded:  # a sharded model computes with its own parameters, so a copy would not be trained
+            check_shares_storage(
+                self.model, [leaves[self._layout.template["params"][n]] for n in self._layout.param_names]
+            )
+        if self.cuda_graphs:  # donation keeps the state's tensors at their addresses
+            for leaf in leaves:
+                torch._dynamo.mark_static_address(leaf)
+
+    def _prepare(self, batch: Any, training: bool) -> None:
+        """What every call sets up outside the (compiled) function: the model's mode, a dynamic batch size."""
         if self.model.training != training:
             self.model.train(training)
         if self.dynamic_batch:
@@ -186,7 +195,7 @@ class TrainStep(_Step):
             check_state(state)  # a donated state has nothing to clone
             state = state.clone()
         leaves = self._leaves_of(state)
-        self._prepare(leaves, batch, training=True)
+        self._prepare(batch, training=True)
         if self._generators is None:
             self._generators = StateGenerators(self._layout.rng)
         with self._generators(leaves):
@@ -228,7 +237,7 @@ class EvalStep(_Step):
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
         leaves = self._leaves_of(state)
-        self._prepare(leaves, batch, training=False)
+        self._prepare(batch, training=False)
         s = self._layout.unflatten(leaves)
         with torch.no_grad():
             return self._fn(s["params"], s["buffers"], batch)

@@ -78,3 +78,20 @@ def test_compiled_runner_trains_base_model_in_one_train_and_one_eval_graph(fresh
     assert counters["stats"]["unique_graphs"] == 2  # one train step, one eval step: no recompile, last batches too
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert torch.equal(runner.model.net[0].weight.detach(), runner.state["params"]["net.0.weight"])
+
+
+def test_a_step_keeps_no_state_alive_that_its_caller_dropped(fresh_dynamo):
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(6, 3)
+    state = funceng.TrainState.create(model, optim.sgd(0.1))
+    evaluate = funceng.make_eval_step(model, lambda m, b: m(b[0]), compile=True)  # compiled: the model stays unbound
+    copy_of_state = state.clone()
+    first = evaluate(copy_of_state, batch())
+    torch.testing.assert_close(evaluate(copy_of_state, batch()), first)  # the same state again: remembered leaves
+    weight = weakref.ref(copy_of_state["params"]["weight"])
+    del copy_of_state
+    gc.collect()
+    assert weight() is None  # the step forgot the leaves of the state it had seen
+    torch.testing.assert_close(evaluate(state, batch()), first)
