@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funceng.binding import ModuleBinding
+from funceng import binding
 from funceng.loss import parse_loss
 
 LossFn = Callable[[nn.Module, Any], Any]
@@ -55,15 +55,12 @@ class ModelFunction(nn.Module):
 class EagerGradients:
     def __init__(self, model: nn.Module, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str):
         self.model, self.loss_fn, self.amp_dtype, self.device_type = model, loss_fn, amp_dtype, device_type
-        self._binding: ModuleBinding | None = None
 
     def __call__(self, params: dict, buffers: dict, batch: Any, scale: Tensor | None) -> Grads:
-        if self._binding is None:
-            self._binding = ModuleBinding(self.model, list(params), list(buffers))
-        self._binding.bind(list(params.values()), list(buffers.values()))
+        slots = binding.bind(self.model, params, buffers).params
         with autocast(self.device_type, self.amp_dtype):
             loss, logs = parse_loss(self.loss_fn(self.model, batch))
-        grads = torch.autograd.grad(_scaled(loss, scale), self._binding.params, allow_unused=True)
+        grads = torch.autograd.grad(_scaled(loss, scale), slots, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
         return dict(zip(params, grads)), loss.detach(), logs
 

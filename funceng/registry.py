@@ -23,7 +23,7 @@ def type_name(value: Any) -> str:
     return value if isinstance(value, str) else getattr(value, "__name__", repr(value))
 
 
-def _keyword_parameters(factory: Callable) -> set[str] | None:
+def keyword_parameters(factory: Callable) -> set[str] | None:
     """The keyword arguments ``factory`` accepts, or ``None`` if it takes any (``**kwargs``) or cannot tell."""
     try:
         parameters = inspect.signature(factory).parameters.values()
@@ -107,7 +107,7 @@ class Registry:
         if kind is None:
             raise ConfigError(f"{where}: missing 'type'; known: {self.names()}")
         factory = self.resolve(kind, f"{where}.type")
-        accepted = _keyword_parameters(factory)
+        accepted = keyword_parameters(factory)
         if accepted is not None:
             check_keys(where, cfg, accepted - set(defaults))
         try:

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funceng import dist, optim, tree
-from funceng.binding import ModuleBinding
+from funceng import binding, dist, optim, tree
 from funceng.grads import EagerGradients, FunctionalGradients, LossFn, ModelFunction, ShardedGradients, autocast
 from funceng.loss import call_model
 from funceng.loss_scale import DynamicScaling, NoScaling
@@ -233,7 +232,6 @@ class EvalStep(_Step):
             self._forward = lambda params, buffers, batch: self.predict_fn(model, batch)
         else:
             self._forward = self._forward_bound
-        self._binding: ModuleBinding | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
         leaves = self._leaves_of(state)
@@ -247,9 +245,7 @@ class EvalStep(_Step):
             return self._forward(params, buffers, batch)
 
     def _forward_bound(self, params: dict, buffers: dict, batch: Any) -> Any:
-        if self._binding is None:
-            self._binding = ModuleBinding(self.model, list(params), list(buffers))
-        self._binding.bind(list(params.values()), list(buffers.values()))
+        binding.bind(self.model, params, buffers)
         return self.predict_fn(self.model, batch)
 
 

@@ -71,9 +71,9 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
     sampler = cfg.pop("sampler", None) or {}
     if isinstance(sampler, Mapping):
         check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
-        SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
+        sampler_class = SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
         shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
-        cfg["sampler"] = DefaultSampler(
+        cfg["sampler"] = sampler_class(
             dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0, round_up=sampler.get("round_up", train)
         )
     else:

@@ -13,7 +13,7 @@ from torch import nn
 
 from funceng import optim
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry, type_name
+from funceng.registry import Registry, keyword_parameters, type_name
 
 
 class OptimWrapper:
@@ -67,7 +67,7 @@ def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., op
     factory = OPTIMIZERS.resolve(opt_cfg["type"], "optim_wrapper.optimizer.type")
     kwargs = {k: v for k, v in opt_cfg.items() if k != "type"}
     name = type_name(opt_cfg["type"])
-    check_keys(f"optim_wrapper.optimizer ({name})", kwargs, inspect.signature(factory).parameters)
+    check_keys(f"optim_wrapper.optimizer ({name})", kwargs, keyword_parameters(factory))
     if "lr" not in kwargs:
         raise ConfigError(f"optim_wrapper.optimizer ({name}): missing 'lr'")
     return factory, kwargs

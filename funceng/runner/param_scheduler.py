@@ -7,7 +7,6 @@ Each scheduler acts on ``[begin, end)``, in epochs when ``by_epoch`` (taking its
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 
 from funceng import schedules
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry, type_name
+from funceng.registry import Registry, keyword_parameters, type_name
 from funceng.runner import compat
 
 INF = 10**12
@@ -99,7 +98,7 @@ def _part(cfg: Mapping, where: str, base_lr: float, epoch_length: int):
         raise ConfigError(f"{where}: missing 'type'; supported: {SCHEDULERS.names()}")
     factory = SCHEDULERS.resolve(cfg["type"], f"{where}.type")
     args = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
-    own_keys = set(inspect.signature(factory).parameters) - {"span"}
+    own_keys = keyword_parameters(factory) - {"span"}
     check_keys(f"{where} ({type_name(cfg['type'])})", cfg, COMMON_KEYS | own_keys)
     if cfg.get("verbose"):
         compat.ignored("param_scheduler.verbose")
