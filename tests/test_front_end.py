@@ -254,16 +254,19 @@ def test_a_data_preprocessor_runs_on_every_batch_before_forward(compile):
         Linear(data_preprocessor=dict(type="ImgDataPreprocessor"))
 
 
-def test_val_cfg_fp16_evaluates_under_float16_autocast(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_val_cfg_fp16_evaluates_under_float16_autocast(tmp_path, compile):
     from .runner_fixtures import Accuracy
 
     class OutputDtype(Accuracy):
         def process(self, data_batch, data_samples):
             self.results.append({"n": 1, "correct": int(data_samples[0].dtype == torch.float16)})
 
-    runner = Runner(**runner_kwargs(tmp_path, val_cfg=dict(fp16=True), val_evaluator=dict(type=OutputDtype)))
+    runner = Runner(
+        **runner_kwargs(tmp_path, val_cfg=dict(fp16=True), val_evaluator=dict(type=OutputDtype), compile=compile)
+    )
     assert runner.val() == {"accuracy": 100.0}  # every batch's scores came out in float16
-    plain = Runner(**runner_kwargs(tmp_path, val_evaluator=dict(type=OutputDtype)))
+    plain = Runner(**runner_kwargs(tmp_path, val_evaluator=dict(type=OutputDtype), compile=compile))
     assert plain.val() == {"accuracy": 0.0}
 
 
