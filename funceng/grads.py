@@ -1,8 +1,11 @@
 """Gradients of the loss with respect to a state's parameters, computed one of three ways.
 
-Each is a callable ``grads_fn(params, buffers, batch, scale) -> (grads, loss, logs)``: ``grads`` keyed like
-``params`` (zeros for parameters the loss does not use), the unscaled ``loss`` and the logged values, all
-detached. ``scale`` (fp16 loss scaling) multiplies the loss before differentiation, or is ``None``.
+Each is built for the names of the parameters to train (the model's ``requires_grad`` ones) and called as
+``grads_fn(params, buffers, batch, scale) -> (grads, loss, logs)``: ``grads`` holds one gradient per trained
+parameter (zeros where the loss does not use it), none for frozen ones; the unscaled ``loss`` and the logged
+values; all free of autograd history, even when the loss runs through other modules that require grad (a GAN's
+discriminator, a teacher). ``scale`` (fp16 loss scaling) multiplies the loss before differentiation, or is
+``None``.
 
 - `EagerGradients`: the model bound to the state's tensors and ``torch.autograd.grad``; as fast as a
   hand-written loop.
@@ -53,30 +56,45 @@ class ModelFunction(nn.Module):
 
 
 class EagerGradients:
-    def __init__(self, model: nn.Module, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str):
+    def __init__(self, model, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str, trained: list[str]):
         self.model, self.loss_fn, self.amp_dtype, self.device_type = model, loss_fn, amp_dtype, device_type
+        self.trained = trained
+        self._slots: tuple[binding.ModuleBinding, list[Tensor]] | None = None  # (a binding, its trained slots)
+
+    def _trained_slots(self, bound: binding.ModuleBinding) -> list[Tensor]:
+        if self._slots is None or self._slots[0] is not bound:
+            by_name = dict(zip(bound.param_names, bound.params))
+            self._slots = (bound, [by_name[name] for name in self.trained])
+        return self._slots[1]
 
     def __call__(self, params: dict, buffers: dict, batch: Any, scale: Tensor | None) -> Grads:
-        slots = binding.bind(self.model, params, buffers).params
+        slots = self._trained_slots(binding.bind(self.model, params, buffers))
         with autocast(self.device_type, self.amp_dtype):
             loss, logs = parse_loss(self.loss_fn(self.model, batch))
         grads = torch.autograd.grad(_scaled(loss, scale), slots, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
-        return dict(zip(params, grads)), loss.detach(), logs
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, slots)]
+        return dict(zip(self.trained, grads)), loss.detach(), logs
 
 
 class FunctionalGradients:
-    def __init__(self, model: nn.Module, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str):
+    def __init__(self, model, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str, trained: list[str]):
         self.loss_module = ModelFunction(model, loss_fn)
         self.amp_dtype, self.device_type = amp_dtype, device_type
+        self.trained = trained
+        self.all_trained = len(trained) == len(list(model.parameters()))
 
     def __call__(self, params: dict, buffers: dict, batch: Any, scale: Tensor | None) -> Grads:
+        trained = params if self.all_trained else {name: params[name] for name in self.trained}
+
         def loss_of(p, b):
             with autocast(self.device_type, self.amp_dtype):
-                loss, logs = parse_loss(self.loss_module.call_with(p, b, batch))
+                loss, logs = parse_loss(self.loss_module.call_with({**params, **p}, b, batch))
             return _scaled(loss, scale), (loss.detach(), logs)
 
-        grads, (loss, logs) = torch.func.grad(loss_of, has_aux=True)(params, buffers)
+        # grad differentiates inside; the no_grad outside keeps modules the loss closes over that require grad
+        # (a discriminator, a teacher) from recording the step's arithmetic into an ever-growing graph
+        with torch.no_grad():
+            grads, (loss, logs) = torch.func.grad(loss_of, has_aux=True)(trained, buffers)
         return grads, loss, logs
 
 
@@ -85,15 +103,17 @@ class ShardedGradients:
     backward hooks reduce-scatter the averaged gradients into each parameter's ``.grad``, taken (and cleared)
     here."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str):
+    def __init__(self, model, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str, trained: list[str]):
         self.model, self.loss_fn, self.amp_dtype, self.device_type = model, loss_fn, amp_dtype, device_type
+        self.trained = trained
 
     def __call__(self, params: dict, buffers: dict, batch: Any, scale: Tensor | None) -> Grads:
         with autocast(self.device_type, self.amp_dtype):
             loss, logs = parse_loss(self.loss_fn(self.model, batch))
         _scaled(loss, scale).backward()
         grads = {}
-        for (name, param), local in zip(self.model.named_parameters(), params.values()):
-            grads[name] = torch.zeros_like(local) if param.grad is None else param.grad.to_local()
+        for name in self.trained:
+            param = self.model.get_parameter(name)
+            grads[name] = torch.zeros_like(params[name]) if param.grad is None else param.grad.to_local()
             param.grad = None
         return grads, loss.detach(), logs

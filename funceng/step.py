@@ -23,32 +23,36 @@ from funceng.loss import call_model
 from funceng.loss_scale import DynamicScaling, NoScaling
 from funceng.rng import StateGenerators
 from funceng.sharding import check_shares_storage, is_sharded
-from funceng.state import TrainState, check_state, successor
+from funceng.state import REQUIRED_KEYS, TrainState, check_leaves, check_state, donate, expected_state, trainable_names
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 LOGGED_OPT_STATE = ("lr", "grad_norm")  # optimizer-state leaves reported in the metrics when present
 
 
 class _Layout:
-    """Where each part of a state sits in its flat list of leaves."""
+    """Where each part of a state sits in its flat list of leaves, and what each leaf must be: taken from the
+    model and optimizer the step was built for (`funceng.state.expected_state`), never from a state passed in."""
 
-    def __init__(self, state: TrainState):
-        self.template, _ = tree.flatten(state)
+    def __init__(self, expected: dict, devices: list[torch.device]):
+        self.template, self.expected = tree.flatten(expected)
+        self.devices, self.paths = devices, tree.leaf_paths(self.template)
         self.unflatten = tree.unflattener(self.template)
         self.param_names = list(self.template["params"])
         self.buffer_names = list(self.template["buffers"])
-        found = {name: tree.find_leaf(self.template["opt_state"], name) for name in LOGGED_OPT_STATE}
+        found = {name: tree.find_leaf(self.template.get("opt_state", {}), name) for name in LOGGED_OPT_STATE}
         self.logged = {name: index for name, index in found.items() if index is not None}
-        self.rng = self.template["rng"]
+        self.rng = self.template.get("rng")
 
-    def leaves(self, state: TrainState) -> list[Tensor]:
+    def leaves(self, state: Any) -> list[Tensor]:
+        """The leaves of ``state``, checked against the expected structure, shapes, dtypes and devices."""
         template, leaves = tree.flatten(state)
         if template != self.template:
             raise ValueError(
-                "this state does not have the structure this step was built for: "
+                "this state does not match the model and optimizer this step was built for: "
                 f"{tree.describe_difference(self.template, template)}. Was it created for another model or "
-                "optimizer (e.g. without the same `accumulate`)?"
+                "optimizer (e.g. without the same `accumulate`, or before freezing parameters)?"
             )
+        check_leaves(self.expected, self.devices, leaves, self.paths)
         return leaves
 
 
@@ -73,6 +77,19 @@ def _amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+def _refuse_function_transforms() -> None:
+    """A step donates its state and binds a module, so it cannot run under ``torch.func.vmap`` (or ``grad``):
+    say so at once rather than deep inside the generator code."""
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None:
+        raise RuntimeError(
+            f"a funceng step cannot run inside torch.func.{str(interpreter.key()).rpartition('.')[2].lower()}: it "
+            "updates its state in place. To train several models at once, build one state per member (each "
+            "with TrainState.create, re-initialising the model between calls) and call the step on each; see "
+            "'Several states from one model' in docs/state.md"
+        )
+
+
 def _mark_batch_dynamic(tensor: Tensor) -> Tensor:
     """Compiles for any batch size: a smaller last batch then reuses the graph instead of recompiling."""
     if tensor.ndim and tensor.shape[0] > 1:
@@ -81,9 +98,11 @@ def _mark_batch_dynamic(tensor: Tensor) -> Tensor:
 
 
 class _Step:
-    """What train and eval steps share: compile and AMP options, and the state's layout (from the first state
-    seen). The leaves of the last state this step returned or saw are kept while that state lives, so the same
-    state coming back is not flattened (nor checked) again."""
+    """What train and eval steps share: compile and AMP options, and the layout of the states they take (from the
+    model and optimizer). The leaves of the last state this step returned or saw are kept while that state lives,
+    so the same state coming back is not flattened (nor checked) again."""
+
+    binds_model = False  # whether a new state is bound to the model (`funceng.binding`) before the first call
 
     def __init__(self, model: nn.Module, fn: Callable, compile: bool | str | dict, amp: Any, dynamic_batch: bool):
         self.model = model
@@ -106,14 +125,22 @@ class _Step:
         self._layout: _Layout | None = None
         self._known: tuple[weakref.ref, list[Tensor]] | None = None  # (a live state, its leaves)
 
+    def _parts(self, state: TrainState) -> Any:
+        """The part of a state this step reads (all of it for training)."""
+        return state
+
+    def _expected(self) -> tuple[dict, list[torch.device]]:
+        raise NotImplementedError
+
     def _leaves_of(self, state: TrainState) -> list[Tensor]:
-        """The state's flat leaves: flattened, checked against the layout and prepared the first time."""
+        """The state's flat leaves: flattened, checked and prepared the first time this state object is seen."""
         check_state(state)
-        if self._layout is None:
-            self._layout = _Layout(state)
+        _refuse_function_transforms()
         if self._known is not None and self._known[0]() is state and state.is_locked:
             return self._known[1]
-        leaves = self._layout.leaves(state)
+        if self._layout is None:
+            self._layout = _Layout(*self._expected())
+        leaves = self._layout.leaves(self._parts(state))
         self._prepare_state(leaves)
         self._remember(state, leaves)
         return leaves
@@ -128,10 +155,12 @@ class _Step:
 
     def _prepare_state(self, leaves: list[Tensor]) -> None:
         """Checks and marks made once per new state, outside the (compiled) function."""
+        template = self._layout.template
+        params = {name: leaves[template["params"][name]] for name in self._layout.param_names}
         if self.sharded:  # a sharded model computes with its own parameters, so a copy would not be trained
-            check_shares_storage(
-                self.model, [leaves[self._layout.template["params"][n]] for n in self._layout.param_names]
-            )
+            check_shares_storage(self.model, list(params.values()))
+        elif self.binds_model:  # the model shows the trained state's weights; its own earlier copy is freed
+            binding.bind(self.model, params, {n: leaves[template["buffers"][n]] for n in self._layout.buffer_names})
         if self.cuda_graphs:  # donation keeps the state's tensors at their addresses
             for leaf in leaves:
                 torch._dynamo.mark_static_address(leaf)
@@ -169,6 +198,8 @@ def _mean_logs_across_ranks(grads: dict, loss: Tensor, logs: dict) -> tuple[dict
 class TrainStep(_Step):
     """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
 
+    binds_model = True  # modules that losses close over (a GAN's discriminator) compute with their trained state
+
     def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False, data_parallel=None):
         super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
         if self.sharded and not donate:
@@ -179,8 +210,11 @@ class TrainStep(_Step):
         self.tx = optim.accumulate(tx, accumulate)
         self.loss_fn = loss_fn or (lambda m, batch: call_model(m, batch, "loss"))
         self.donate = donate
+        self.trainable = trainable_names(model)
+        if not self.trainable:
+            raise ValueError("make_train_step: every parameter of the model has requires_grad=False: nothing to train")
         gradients = FunctionalGradients if self.compiled else ShardedGradients if self.sharded else EagerGradients
-        self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type)
+        self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type, self.trainable)
         if data_parallel is None:
             data_parallel = dist.get_world_size() > 1
         self._reduce = (
@@ -199,20 +233,30 @@ class TrainStep(_Step):
             self._generators = StateGenerators(self._layout.rng)
         with self._generators(leaves):
             metrics = self._fn(leaves, batch)
-        new_state = successor(state, donate=self.donate)
-        self._remember(new_state, leaves)
-        return new_state, metrics
+        if self.donate:
+            state = donate(state)
+        self._remember(state, leaves)
+        return state, metrics
+
+    def _parts(self, state: TrainState) -> Any:
+        """The six keys of a TrainState; entries a hook or user added (EMA weights, say) are carried along."""
+        return {key: state[key] for key in REQUIRED_KEYS}
+
+    def _expected(self) -> tuple[dict, list[torch.device]]:
+        return expected_state(self.model, self.tx)
 
     def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
         s = self._layout.unflatten(leaves)
         params, loss_scale = s["params"], s["loss_scale"]
         grads, loss, logs = self._grads(params, s["buffers"], batch, self._loss_scale.factor(loss_scale))
-        grads, loss, logs = self._reduce(grads, loss, logs)
-        grads, finite = self._loss_scale.unscale(grads, loss_scale)
-        updates = optim.update_in_place(self.tx, grads, s["opt_state"], params, only_if=finite)
-        optim.apply_updates(params, updates)
-        s["step"].add_(1)
-        return self._metrics(leaves, loss, logs, loss_scale)
+        with torch.no_grad():  # a loss over other trainable modules must leave no autograd history in the state
+            grads, loss, logs = self._reduce(grads, loss, logs)
+            grads, finite = self._loss_scale.unscale(grads, loss_scale)
+            trained = params if len(grads) == len(params) else {name: params[name] for name in grads}
+            updates = optim.update_in_place(self.tx, grads, s["opt_state"], trained, only_if=finite)
+            optim.apply_updates(trained, updates)
+            s["step"].add_(1)
+            return self._metrics(leaves, loss, logs, loss_scale)
 
     def _metrics(self, leaves: list[Tensor], loss: Tensor, logs: dict, loss_scale: dict) -> dict[str, Tensor]:
         metrics = {"loss": loss, **{k: v for k, v in logs.items() if k != "loss"}}
@@ -232,6 +276,12 @@ class EvalStep(_Step):
             self._forward = lambda params, buffers, batch: self.predict_fn(model, batch)
         else:
             self._forward = self._forward_bound
+
+    def _parts(self, state: TrainState) -> Any:
+        return {"params": state["params"], "buffers": state["buffers"]}
+
+    def _expected(self) -> tuple[dict, list[torch.device]]:
+        return expected_state(self.model, None)
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
         leaves = self._leaves_of(state)
@@ -264,7 +314,11 @@ def make_train_step(
     """A pure train step ``step(state, batch) -> (new_state, metrics)``.
 
     ``loss_fn(model, batch)`` is plain PyTorch returning a scalar or a dict with ``"loss"``; ``None`` calls a
-    BaseModel-style ``model(*batch, mode="loss")``. ``compile``: ``True`` compiles the whole step with
+    BaseModel-style ``model(*batch, mode="loss")``. It may run through other modules (a GAN's discriminator, a
+    teacher): only ``model``'s parameters are differentiated and the optimizer runs outside autograd. Parameters
+    with ``requires_grad=False`` when the step is built are frozen: no gradient, no update, no optimizer state
+    (create the state after freezing). The first call checks the state against ``model`` and ``tx`` and names
+    the first leaf that differs. ``compile``: ``True`` compiles the whole step with
     ``fullgraph=True``; ``"auto"`` compiles on CUDA only; a dict adds ``torch.compile`` options
     (``{"mode": "reduce-overhead"}``: CUDA graphs, with the state's tensors marked as static addresses).
     ``amp``: ``"bf16"`` autocasts; ``"fp16"`` also scales the loss dynamically and skips non-finite steps

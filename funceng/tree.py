@@ -89,12 +89,18 @@ def map_tensors(fn: Callable[[Tensor], Any], batch: Any) -> Any:
 
 
 def describe_difference(expected: Any, got: Any, path: str = "") -> str:
-    """Where two templates first differ, for error messages."""
+    """Where two templates first differ, for error messages: the keys missing or unexpected at the first
+    mapping whose key sets differ, as full dotted paths."""
+    where = path or "<root>"
     if isinstance(expected, dict) and isinstance(got, dict):
-        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        prefix = f"{path}." if path else ""
+        missing = [prefix + str(k) for k in expected if k not in got]
+        extra = [prefix + str(k) for k in got if k not in expected]
         if missing or extra:
-            return f"at {path or '<root>'}: missing keys {missing}, unexpected keys {extra}"
+            parts = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {extra}"] * bool(extra)
+            return " and ".join(parts)
         for key in expected:
             if expected[key] != got[key]:
-                return describe_difference(expected[key], got[key], f"{path}.{key}" if path else key)
-    return f"at {path or '<root>'}: a tensor and a sub-dict differ"
+                return describe_difference(expected[key], got[key], prefix + str(key))
+        return f"at {where}: the same keys in another order"
+    return f"at {where}: a tensor and a sub-dict differ"

@@ -3,9 +3,11 @@
 import pytest
 import torch
 from tensordict import TensorDict
+from torch import nn
 
 import funceng
 from funceng import optim
+from funceng.state import donate
 
 from .models import batch, cross_entropy, mlp_with_batchnorm
 
@@ -22,12 +24,32 @@ def test_create_holds_params_buffers_opt_state_step_and_rng():
     assert state["opt_state"]["0"]["exp_avg"]["0.weight"].shape == model[0].weight.shape
 
 
-def test_state_owns_the_weights_and_the_model_shares_them():
+def test_state_owns_a_copy_of_the_weights_and_leaves_the_model_alone():
     model = mlp_with_batchnorm()
     before = model[0].weight.detach().clone()
     state = funceng.TrainState.create(model, optim.sgd(0.1))
     assert torch.equal(state["params"]["0.weight"], before)
-    assert model[0].weight.data_ptr() == state["params"]["0.weight"].data_ptr()  # no second copy
+    assert model[0].weight.data_ptr() != state["params"]["0.weight"].data_ptr()  # bound by the first step
+
+
+def test_tensordict_behaviour_that_donation_relies_on():
+    """`funceng.state.donate` moves a TrainState's attributes to a new object in O(1). It relies on this
+    tensordict behaviour, tested for the range pyproject.toml allows:"""
+    state = funceng.TrainState.create(nn.Linear(2, 2), optim.sgd(0.1))
+    # 1. a TensorDict keeps everything in its instance __dict__: no __slots__ hold contents
+    tensordict_classes = [cls for cls in type(state).__mro__ if cls.__module__.startswith("tensordict")]
+    assert all(not getattr(cls, "__slots__", ()) for cls in tensordict_classes)
+    assert "_tensordict" in vars(state)
+    # 2. while locked, key views are cached in `_cache` and refer to the object they were made for
+    view = state.keys(include_nested=True, leaves_only=True)
+    assert view.tensordict is state and "_cache" in vars(state)
+    # 3. nested TensorDicts remember their locked parents as weakrefs and ask them `_is_locked`
+    parents = vars(state["params"])["__lock_parents_weakrefs"]
+    assert [ref() for ref in parents] == [state]
+    new = donate(state)
+    assert len(list(new.keys(include_nested=True, leaves_only=True))) == 7  # no view of the old object
+    assert new.unlock_().is_locked is False and new.lock_().is_locked  # the Runner adds hook entries this way
+    assert new["params"].is_locked
 
 
 def test_seed_sets_the_rng_state():
@@ -69,7 +91,8 @@ def test_state_of_another_structure_is_rejected_with_the_difference():
     state = funceng.TrainState.create(model, optim.sgd(0.1))
     step = funceng.make_train_step(model, optim.sgd(0.1), cross_entropy, compile=False, accumulate=2)
     step(funceng.TrainState.create(model, optim.accumulate(optim.sgd(0.1), 2)), batch())
-    with pytest.raises(ValueError, match=r"opt_state.*missing keys \['acc', 'inner', 'mini_step'\]"):
+    expected = r"missing keys \['opt_state.mini_step', 'opt_state.acc', 'opt_state.inner'\] and unexpected keys"
+    with pytest.raises(ValueError, match=expected):
         step(state, batch())
 
 

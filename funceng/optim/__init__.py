@@ -18,9 +18,10 @@ from funceng.optim.transforms import (
     clip_by_value,
     scale_by_adam,
     scale_by_learning_rate,
+    set_to_zero,
     trace,
 )
-from funceng.optim.wrappers import accumulate, masked, partition
+from funceng.optim.wrappers import accumulate, freeze, masked, partition
 
 __all__ = [
     "GradientTransformation",
@@ -36,11 +37,13 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "clip_by_value",
+    "freeze",
     "identity",
     "masked",
     "partition",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "set_to_zero",
     "sgd",
     "trace",
     "update_in_place",

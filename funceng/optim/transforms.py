@@ -177,3 +177,19 @@ def clip_by_value(clip_value: float) -> GradientTransformation:
         return updates, state
 
     return GradientTransformation(init, update)
+
+
+def set_to_zero() -> GradientTransformation:
+    """``u <- -0.0``: no update, no state (optax's ``set_to_zero``). The zero is negative so that ``p + u`` is
+    ``p`` bit for bit, ``-0.0`` weights included; use it for parameters that must stay exactly as they are."""
+
+    def init(params: Params) -> OptState:
+        return {}
+
+    def update(updates: Updates, state: OptState, params: Params | None = None):
+        if updates:
+            torch._foreach_zero_(values(updates))
+            torch._foreach_neg_(values(updates))
+        return updates, state
+
+    return GradientTransformation(init, update)

@@ -19,6 +19,7 @@ from funceng.optim.base import (
     values,
     zeros_like,
 )
+from funceng.optim.transforms import set_to_zero
 
 Labeler = Callable[[str, torch.Tensor], str] | Mapping[str, str]
 
@@ -106,11 +107,42 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
     return GradientTransformation(init, update)
 
 
-def masked(tx: GradientTransformation, mask: Callable[[str, torch.Tensor], bool] | Mapping[str, bool]):
-    """Applies ``tx`` only to the parameters where ``mask`` is true; the others' updates pass unchanged."""
+Mask = Callable[[str, torch.Tensor], bool] | Mapping[str, bool]
+
+
+def _mask_of(mask: Mask, name: str, p: torch.Tensor) -> bool:
+    if callable(mask):
+        return bool(mask(name, p))
+    try:
+        return bool(mask[name])
+    except KeyError:
+        raise KeyError(f"mask: no entry for parameter {name!r}") from None
+
+
+def masked(tx: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Applies ``tx`` only to the parameters where ``mask`` is true; the others' updates pass through unchanged
+    (optax's ``masked``).
+
+    Warning: "unchanged" means the *raw input* of this transform. Used as the whole optimizer,
+    ``masked(adam(lr), mask)`` adds the unmasked parameters' raw gradients to them (an update of ``+g``, with
+    no learning rate). It is meant inside a chain, e.g. ``chain(masked(add_decayed_weights(wd), mask), sgd(lr))``
+    for weight decay on some parameters only. To leave parameters alone, use `freeze` or `set_to_zero`, or
+    ``requires_grad_(False)`` before building the state.
+    """
 
     def label(name: str, p: torch.Tensor) -> str:
-        keep = mask(name, p) if callable(mask) else mask[name]
-        return "masked" if keep else "unmasked"
+        return "masked" if _mask_of(mask, name, p) else "unmasked"
 
     return partition({"masked": tx, "unmasked": identity()}, label)
+
+
+def freeze(mask: Mask) -> GradientTransformation:
+    """Zero updates (`set_to_zero`) for the parameters where ``mask`` is true (optax's ``freeze``); the others'
+    updates pass through.
+
+    Place it *last* in a chain, ``chain(adamw(lr), freeze(mask))``: the frozen parameters then stay the same
+    bit for bit, though the transforms before it still keep state for them and weight decay is still computed.
+    Freezing with ``requires_grad_(False)`` before `TrainState.create` is cheaper: no gradient, no optimizer
+    state. Placed first, a later transform (weight decay, a momentum buffer) would still move them.
+    """
+    return masked(set_to_zero(), mask)

@@ -48,12 +48,14 @@ AMP_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", torch.float16: "floa
 @dataclass(frozen=True)
 class OptimizerSetup:
     """What ``optim_wrapper`` asks for: the transform (accumulating gradients over ``accumulate`` iterations),
-    the AMP dtype name or ``None``, and the optimizer's base learning rate."""
+    the AMP dtype name or ``None``, the optimizer's base learning rate, and the parameters that
+    ``paramwise_cfg`` freezes with ``lr_mult=0``."""
 
     tx: optim.GradientTransformation
     amp: str | None
     accumulate: int
     base_lr: float
+    frozen: tuple[str, ...] = ()
 
 
 def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., optim.GradientTransformation], dict]:
@@ -91,13 +93,16 @@ def build_optimizer(
         mults = paramwise_multipliers(model, paramwise)
         decay = kwargs.get("weight_decay", inspect.signature(factory).parameters["weight_decay"].default)
         label = lambda lr_mult, decay_mult: f"lr_mult={lr_mult},decay_mult={decay_mult}"  # noqa: E731
-        transforms = {
-            label(lm, dm): factory(**{**kwargs, "lr": _scaled(lr, lm), "weight_decay": decay * dm})
+        transforms = {  # lr_mult=0 freezes for real: no update at all (with weight decay or AdamW too), no state
+            label(lm, dm): optim.set_to_zero()
+            if lm == 0
+            else factory(**{**kwargs, "lr": _scaled(lr, lm), "weight_decay": decay * dm})
             for lm, dm in sorted(set(mults.values()))
         }
         tx = optim.partition(transforms, {name: label(lm, dm) for name, (lm, dm) in mults.items()})
+        frozen = tuple(name for name, (lm, _) in mults.items() if lm == 0)
     else:
-        tx = factory(**{**kwargs, "lr": lr})
+        tx, frozen = factory(**{**kwargs, "lr": lr}), ()
     tx = _with_clipping(tx, optim_wrapper.get("clip_grad"), sharded)
     amp = None
     if wrapper is AmpOptimWrapper:
@@ -114,7 +119,7 @@ def build_optimizer(
     elif "dtype" in optim_wrapper or "loss_scale" in optim_wrapper:
         raise ConfigError("optim_wrapper: 'dtype' and 'loss_scale' need type='AmpOptimWrapper'")
     accumulate = int(optim_wrapper.get("accumulative_counts", 1))
-    return OptimizerSetup(optim.accumulate(tx, accumulate), amp, accumulate, base_lr)
+    return OptimizerSetup(optim.accumulate(tx, accumulate), amp, accumulate, base_lr, frozen)
 
 
 def _with_clipping(tx: optim.GradientTransformation, clip: Mapping | None, sharded: bool):

@@ -212,10 +212,19 @@ class Runner:
         accumulate = int(self.optim_wrapper.get("accumulative_counts", 1))
         schedule = build_lr_schedule(self.param_scheduler, base_lr, len(loader), accumulate)
         setup = build_optimizer(self.optim_wrapper, self.model, schedule, sharded=self.sharded)
+        self._log_frozen(setup.frozen)
         self._create_state(setup.tx)
         self.train_loop.train_step = make_train_step(
             self.model, setup.tx, compile=self.compile, amp=setup.amp, donate=True, dynamic_batch=is_ragged(loader)
         )
+
+    def _log_frozen(self, by_lr_mult: tuple[str, ...]) -> None:
+        """Says once which parameters the run leaves unchanged, and why."""
+        no_grad = [name for name, p in self.model.named_parameters() if not p.requires_grad]
+        for names, why in ((no_grad, "requires_grad=False"), (by_lr_mult, "paramwise_cfg lr_mult=0")):
+            if names:
+                shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+                self.logger.info(f"Frozen by {why}: {len(names)} parameters stay unchanged ({shown})")
 
     def _create_state(self, tx: Any) -> None:
         """The state for ``tx``: the model's current weights, the hooks' extra tensors, rank 0's values on every
