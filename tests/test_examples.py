@@ -19,3 +19,18 @@ def test_functional_example_trains_on_digits():
     accuracies = [float(a) for a in re.findall(r"val accuracy ([\d.]+)%", out)]
     assert len(accuracies) == 3
     assert accuracies[-1] > 85.0, out
+
+
+def test_gan_example_trains_two_alternating_steps_and_eager_matches_compiled():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gan_two_steps.py"), "--steps", "200"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    untrained = float(re.search(r"untrained generator: distance from the ring ([\d.]+)", out).group(1))
+    trained = [float(d) for d in re.findall(r"final losses: .* distance from the ring ([\d.]+)", out)]
+    assert len(trained) == 2 and trained[0] == trained[1], out  # eager and compiled print the same numbers
+    assert trained[0] < 0.7 * untrained, out
+    assert float(re.search(r"largest weight difference ([\d.e+-]+)", out).group(1)) < 1e-4, out
