@@ -60,3 +60,18 @@ def test_distributed_benchmark_runs_every_system_on_two_ranks():
     ]
     state_kib = [float(row.split(" | ")[4].rstrip(" |")) for row in rows]
     assert state_kib[3] == state_kib[4] == state_kib[0] / 2  # sharding halves each rank's state
+
+
+def test_gan_memory_benchmark_reports_flat_memory_two_graphs_and_no_history():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gan_memory.py"), "--steps", "150", "--width", "64"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("funceng ")}
+    assert set(rows) == {"eager", "compiled"}, out
+    # columns: funceng, system, memory@100, memory@last, change, graphs, recompiles, leaves with history
+    assert rows["compiled"][5:] == ["2", "0", "0"] and rows["eager"][5:] == ["0", "0", "0"], out
+    assert all(abs(float(row[4].rstrip("%"))) < 5.0 for row in rows.values()), out
