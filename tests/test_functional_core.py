@@ -215,6 +215,19 @@ def test_a_wrong_optimizer_state_is_named_and_the_step_stays_usable(fresh_dynamo
 
 
 @pytest.mark.parametrize("compile", [False, True])
+def test_a_batch_that_fails_in_the_loss_leaves_the_state_and_the_step_usable(fresh_dynamo, compile):
+    model = mlp_with_batchnorm()
+    state = funceng.TrainState.create(model, optim.sgd(0.1))
+    snapshot = state.clone()
+    step = funceng.make_train_step(model, optim.sgd(0.1), cross_entropy, compile=compile)
+    with pytest.raises(Exception, match="shapes cannot be multiplied|must have same reduction dim"):
+        step(state, (torch.randn(16, 5), torch.zeros(16, dtype=torch.long)))
+    assert (state == snapshot).all()  # not donated, not changed
+    state, metrics = step(state, batch())
+    assert state["step"].item() == 1 and torch.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("compile", [False, True])
 def test_a_state_for_another_shape_dtype_or_device_names_the_leaf(fresh_dynamo, compile):
     step = funceng.make_train_step(nn.Linear(6, 3), optim.sgd(0.1), cross_entropy, compile=compile)
     wider = funceng.TrainState.create(nn.Linear(6, 4), optim.sgd(0.1))
@@ -270,6 +283,16 @@ def test_every_use_of_a_donated_state_raises(use):
     with pytest.raises(funceng.DonatedStateError, match="donated to a train step"):
         USES[use](state)
     assert repr(state) == "TrainState(<donated>)" and isinstance(state, funceng.TrainState)
+
+
+def test_every_use_of_a_state_donated_to_a_compiled_step_raises(fresh_dynamo):
+    model = nn.Linear(6, 3)
+    state = funceng.TrainState.create(model, optim.sgd(0.1))
+    new, _ = funceng.make_train_step(model, optim.sgd(0.1), cross_entropy, compile=True)(state, batch())
+    for use in USES.values():
+        with pytest.raises(funceng.DonatedStateError):
+            use(state)
+    assert new["step"].item() == 1
 
 
 @pytest.mark.parametrize("compile", [False, True])
