@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -10,14 +9,6 @@ import funceng
 from funceng import optim, schedules
 
 from .models import batch, cross_entropy, mlp_with_batchnorm
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def test_compiled_step_matches_eager_in_one_graph_and_lr_schedule_never_recompiles(fresh_dynamo):

@@ -2,7 +2,9 @@
 several states from one model, and function transforms. Each behaviour is pinned eager and compiled."""
 
 import copy
+import importlib.util
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +19,7 @@ from funceng.runner import Runner
 from .models import batch, cross_entropy, mlp_with_batchnorm
 from .runner_fixtures import TinyNet, runner_kwargs
 
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -134,30 +130,11 @@ def test_masked_passes_the_raw_updates_of_unmasked_parameters_as_optax_does():
 
 
 def _gan(compile: bool, steps: int):
-    torch.manual_seed(0)
-    generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
-    discriminator = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
-    tx_g, tx_d = optim.adam(1e-3), optim.adam(1e-3)
-    state_g, state_d = funceng.TrainState.create(generator, tx_g), funceng.TrainState.create(discriminator, tx_d)
-
-    def generator_loss(g, z):  # runs through the discriminator, whose parameters require grad
-        logits = discriminator(g(z))
-        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-
-    def discriminator_loss(d, batch):
-        z, real = batch
-        real_logits, fake_logits = d(real), d(generator(z).detach())
-        return F.binary_cross_entropy_with_logits(
-            real_logits, torch.ones_like(real_logits)
-        ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-
-    step_g = funceng.make_train_step(generator, tx_g, generator_loss, compile=compile)
-    step_d = funceng.make_train_step(discriminator, tx_d, discriminator_loss, compile=compile)
-    data = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        z, real = torch.randn(32, 4, generator=data), torch.randn(32, 2, generator=data) + 3
-        state_d, _ = step_d(state_d, (z, real))
-        state_g, _ = step_g(state_g, z)
+    """examples/gan_two_steps.py's loop: the generator's loss runs through the discriminator."""
+    spec = importlib.util.spec_from_file_location("gan_two_steps", ROOT / "examples" / "gan_two_steps.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    state_g, state_d, _ = example.train(steps, compile)
     return state_g, state_d
 
 
