@@ -93,21 +93,22 @@ class _DonatedTrainState(TrainState):
 
 
 _STILL_ANSWERED = {"__class__", "__dict__", "__repr__", "__str__", "__sizeof__", "__weakref__", "__format__"}
+_TYPE_MACHINERY = {
+    *("__getattribute__", "__new__", "__init__", "__init_subclass__", "__subclasshook__", "__class_getitem__"),
+    *("__doc__", "__module__", "__annotations__", "__slots__", "__abstractmethods__", "__hash__"),
+}
 
 
 def _raise_donated(self, *args, **kwargs):
     raise DonatedStateError(_donated_message())
 
 
-for _name in dir(TensorDict):  # operators and protocols (len, iter, in, ==, +, ...) bypass __getattribute__
-    if _name.startswith("__") and _name not in _STILL_ANSWERED and _name not in {
-        "__getattribute__", "__new__", "__init__", "__init_subclass__", "__subclasshook__", "__class_getitem__",
-        "__doc__", "__module__", "__annotations__", "__slots__", "__abstractmethods__", "__hash__",
-        "__setattr__", "__delattr__",
-    } and callable(getattr(TensorDict, _name, None)):  # fmt: skip
-        setattr(_DonatedTrainState, _name, _raise_donated)
-_DonatedTrainState.__setattr__ = _raise_donated
-_DonatedTrainState.__delattr__ = _raise_donated
+# Operators and protocols (len, iter, in, ==, +, pickling, setattr, ...) are looked up on the type, not through
+# __getattribute__: each of TensorDict's raises too.
+for _name in dir(TensorDict):
+    if _name.startswith("__") and callable(getattr(TensorDict, _name, None)):
+        if _name not in _STILL_ANSWERED and _name not in _TYPE_MACHINERY:
+            setattr(_DonatedTrainState, _name, _raise_donated)
 
 
 def donate(state: TrainState) -> TrainState:
