@@ -366,3 +366,29 @@ def test_runner_leaves_requires_grad_false_and_lr_mult_zero_parameters_unchanged
     log = (runner.log_dir / f"{runner.timestamp}.log").read_text()
     assert "Frozen by requires_grad=False: 2 parameters stay unchanged (net.0.weight, net.0.bias)" in log
     assert "Frozen by paramwise_cfg lr_mult=0: 2 parameters stay unchanged (net.4.weight, net.4.bias)" in log
+
+
+def test_resuming_a_run_with_frozen_parameters_is_bitwise_exact(tmp_path):
+    def make_runner(work, max_epochs, resume=False):
+        torch.manual_seed(0)
+        model = TinyNet()
+        model.net[0].requires_grad_(False)
+        optim_wrapper = dict(
+            optimizer=dict(type="AdamW", lr=0.05, weight_decay=0.1),
+            paramwise_cfg=dict(custom_keys={"net.4": dict(lr_mult=0.0)}),
+        )
+        kwargs = runner_kwargs(work, model=model, optim_wrapper=optim_wrapper, resume=resume)
+        return Runner(**{**kwargs, "train_cfg": dict(by_epoch=True, max_epochs=max_epochs)})
+
+    straight = make_runner(tmp_path / "straight", 3)
+    straight.train()
+    make_runner(tmp_path / "interrupted", 2).train()
+    resumed = make_runner(tmp_path / "interrupted", 3, resume=True)
+    resumed.train()
+    keys = list(straight.state.keys(include_nested=True, leaves_only=True))
+    assert keys == list(resumed.state.keys(include_nested=True, leaves_only=True))
+    assert {key[-1] for key in keys if "exp_avg" in key} == {"net.1.weight", "net.1.bias"}  # none for frozen ones
+    assert resumed.iter == straight.iter == 30 and resumed.state["step"].item() == 30
+    assert "resumed epoch: 2, iter: 20" in (resumed.log_dir / f"{resumed.timestamp}.log").read_text()
+    for key in keys:
+        assert torch.equal(straight.state[key], resumed.state[key]), key
