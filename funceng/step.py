@@ -10,8 +10,9 @@ a new input, never a recompilation.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -88,6 +89,25 @@ def _refuse_function_transforms() -> None:
             "with TrainState.create, re-initialising the model between calls) and call the step on each; see "
             "'Several states from one model' in docs/state.md"
         )
+
+
+@contextlib.contextmanager
+def _naming_captured_mutations(compiled: bool) -> Iterator[None]:
+    """A compiled step differentiates with ``torch.func.grad``, which cannot let the loss update tensors it did not
+    receive as inputs in place: the buffers of another module in training mode (a GAN discriminator's BatchNorm
+    statistics). Torch's message for that names neither the module nor the way out; this one does."""
+    try:
+        yield
+    except Exception as error:
+        if not (compiled and "mutate a captured Tensor" in str(error)):
+            raise
+        raise RuntimeError(
+            "the loss function updates, in place, a tensor that is not part of this step's state: most likely the "
+            "buffers of another module in training mode that the loss uses (BatchNorm running statistics of a "
+            "discriminator or a teacher). A compiled step cannot do that (torch.func.grad forbids it). Put that "
+            "module in eval mode for this step (teacher.eval()), use modules without running statistics there, "
+            "or build this step with compile=False, where it works"
+        ) from error
 
 
 def _mark_batch_dynamic(tensor: Tensor) -> Tensor:
@@ -231,7 +251,7 @@ class TrainStep(_Step):
         self._prepare(batch, training=True)
         if self._generators is None:
             self._generators = StateGenerators(self._layout.rng)
-        with self._generators(leaves):
+        with self._generators(leaves), _naming_captured_mutations(self.compiled):
             metrics = self._fn(leaves, batch)
         if self.donate:
             state = donate(state)

@@ -176,6 +176,22 @@ def test_distillation_through_a_teacher_trains_only_the_student(fresh_dynamo, co
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_a_compiled_loss_updating_another_modules_statistics_is_named_and_eval_mode_fixes_it(fresh_dynamo):
+    torch.manual_seed(0)
+    teacher, student = mlp_with_batchnorm(), nn.Linear(6, 3)  # the teacher's BatchNorm is in training mode
+    loss_fn = lambda model, batch: F.mse_loss(model(batch[0]), teacher(batch[0]).detach())  # noqa: E731
+    tx = optim.sgd(0.1)
+    state = funceng.TrainState.create(student, tx)
+    compiled = funceng.make_train_step(student, tx, loss_fn, compile=True)
+    with pytest.raises(RuntimeError, match=r"another module in training mode .* eval mode .* compile=False"):
+        compiled(state, batch())
+    eager_state, _ = funceng.make_train_step(student, tx, loss_fn, compile=False)(state.clone(), batch())
+    assert eager_state["step"].item() == 1  # eager steps allow it: the teacher's statistics move
+    teacher.eval()
+    state, _ = compiled(state, batch())  # the refused call left the state and the step usable
+    assert state["step"].item() == 1
+
+
 # -- 3. a wrong state is named and does not spoil the step --------------------------------------------------------
 
 
