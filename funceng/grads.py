@@ -10,12 +10,15 @@ discriminator, a teacher). ``scale`` (fp16 loss scaling) multiplies the loss bef
 - `EagerGradients`: the model bound to the state's tensors and ``torch.autograd.grad``; as fast as a
   hand-written loop.
 - `FunctionalGradients`: ``torch.func.grad`` over ``torch.func.functional_call``; traces into one compiled graph.
+  The buffers of the other modules the loss function names are passed in too, so it may update them in place
+  (BatchNorm statistics of a discriminator in training mode), which ``grad`` forbids for captured tensors.
 - `ShardedGradients`: FSDP2's own backward, whose hooks reduce-scatter the averaged gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,20 +41,46 @@ def _scaled(loss: Tensor, scale: Tensor | None) -> Tensor:
     return loss if scale is None else loss * scale
 
 
-class ModelFunction(nn.Module):
-    """``fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap the model's tensors."""
+def modules_used_by(fn: Any, model: nn.Module) -> list[nn.Module]:
+    """The modules other than ``model`` (and its submodules) that ``fn`` names: its closure's and its globals'
+    (a GAN discriminator in a generator's loss, a teacher). Found from the code, so a module reached another way
+    (an attribute of an object) is not listed."""
+    try:
+        names = inspect.getclosurevars(fn)
+    except TypeError:  # not a Python function: a partial, a callable object
+        return []
+    own = {id(m) for m in model.modules()}
+    found = [v for v in (*names.nonlocals.values(), *names.globals.values()) if isinstance(v, nn.Module)]
+    return list({id(m): m for m in found if id(m) not in own}.values())
 
-    def __init__(self, model: nn.Module, fn: LossFn):
+
+class ModelFunction(nn.Module):
+    """``fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap the model's tensors, and the
+    buffers of the ``others`` modules ``fn`` uses (passed in as inputs, they may be updated in place)."""
+
+    def __init__(self, model: nn.Module, fn: LossFn, others: list[nn.Module] = ()):
         super().__init__()
         self.model, self.fn = model, fn
+        self.others = nn.ModuleList(others)
 
     def forward(self, batch: Any) -> Any:
         return self.fn(self.model, batch)
 
-    def call_with(self, params: dict[str, Tensor], buffers: dict[str, Tensor], batch: Any) -> Any:
+    def other_buffers(self) -> dict[str, Tensor]:
+        """The buffers of the other modules, each tensor once, and none of the model's."""
+        seen = {id(b) for b in self.model.buffers()}
+        out = {}
+        for name, buffer in self.others.named_buffers(prefix="others", remove_duplicate=False):
+            if id(buffer) not in seen:
+                seen.add(id(buffer))
+                out[name] = buffer
+        return out
+
+    def call_with(self, params: dict, buffers: dict, batch: Any, other_buffers: dict | None = None) -> Any:
         """``fn(model, batch)`` with the model computing with ``params`` and ``buffers`` instead of its own."""
         tensors = {f"model.{k}": v for k, v in params.items()}
         tensors.update({f"model.{k}": v for k, v in buffers.items()})
+        tensors.update(other_buffers or {})
         return torch.func.functional_call(self, tensors, (batch,))
 
 
@@ -78,7 +107,9 @@ class EagerGradients:
 
 class FunctionalGradients:
     def __init__(self, model, loss_fn: LossFn, amp_dtype: torch.dtype | None, device_type: str, trained: list[str]):
-        self.loss_module = ModelFunction(model, loss_fn)
+        # torch.func.grad lets the loss update only tensors it receives: the buffers of the other modules the loss
+        # uses (BatchNorm statistics in training mode) are passed in beside the model's
+        self.loss_module = ModelFunction(model, loss_fn, modules_used_by(loss_fn, model))
         self.amp_dtype, self.device_type = amp_dtype, device_type
         self.trained = trained
         self.all_trained = len(trained) == len(list(model.parameters()))
@@ -86,15 +117,17 @@ class FunctionalGradients:
     def __call__(self, params: dict, buffers: dict, batch: Any, scale: Tensor | None) -> Grads:
         trained = params if self.all_trained else {name: params[name] for name in self.trained}
 
-        def loss_of(p, b):
+        def loss_of(p, b, other_buffers):
             with autocast(self.device_type, self.amp_dtype):
-                loss, logs = parse_loss(self.loss_module.call_with({**params, **p}, b, batch))
+                loss, logs = parse_loss(self.loss_module.call_with({**params, **p}, b, batch, other_buffers))
             return _scaled(loss, scale), (loss.detach(), logs)
 
         # grad differentiates inside; the no_grad outside keeps modules the loss closes over that require grad
         # (a discriminator, a teacher) from recording the step's arithmetic into an ever-growing graph
         with torch.no_grad():
-            grads, (loss, logs) = torch.func.grad(loss_of, has_aux=True)(trained, buffers)
+            grads, (loss, logs) = torch.func.grad(loss_of, has_aux=True)(
+                trained, buffers, self.loss_module.other_buffers()
+            )
         return grads, loss, logs
 
 

@@ -93,9 +93,10 @@ def _refuse_function_transforms() -> None:
 
 @contextlib.contextmanager
 def _naming_captured_mutations(compiled: bool) -> Iterator[None]:
-    """A compiled step differentiates with ``torch.func.grad``, which cannot let the loss update tensors it did not
-    receive as inputs in place: the buffers of another module in training mode (a GAN discriminator's BatchNorm
-    statistics). Torch's message for that names neither the module nor the way out; this one does."""
+    """A compiled step differentiates with ``torch.func.grad``, which lets the loss update in place only tensors it
+    receives: the state's, and the buffers of the modules the loss function names (`funceng.grads`). Another
+    module's buffers, reached through an object, make torch raise a message that names neither the cause nor the
+    way out; this one does."""
     try:
         yield
     except Exception as error:
@@ -103,9 +104,10 @@ def _naming_captured_mutations(compiled: bool) -> Iterator[None]:
             raise
         raise RuntimeError(
             "the loss function updates, in place, a tensor that is not part of this step's state: most likely the "
-            "buffers of another module in training mode that the loss uses (BatchNorm running statistics of a "
-            "discriminator or a teacher). A compiled step cannot do that (torch.func.grad forbids it). Put that "
-            "module in eval mode for this step (teacher.eval()), use modules without running statistics there, "
+            "buffers of another module in training mode (BatchNorm statistics of a discriminator or a teacher) "
+            "that the loss reaches through an object or a container. A compiled step passes in the buffers of the "
+            "modules a loss function names directly (in its closure or its globals); torch.func.grad forbids "
+            "updating others. Name that module directly in the loss function, put it in eval mode for this step, "
             "or build this step with compile=False, where it works"
         ) from error
 
