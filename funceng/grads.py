@@ -47,7 +47,7 @@ def modules_used_by(fn: Any, model: nn.Module) -> list[nn.Module]:
     (an attribute of an object) is not listed."""
     try:
         names = inspect.getclosurevars(fn)
-    except TypeError:  # not a Python function: a partial, a callable object
+    except (TypeError, ValueError):  # not a Python function (a partial, a callable object), or an empty cell
         return []
     own = {id(m) for m in model.modules()}
     found = [v for v in (*names.nonlocals.values(), *names.globals.values()) if isinstance(v, nn.Module)]
