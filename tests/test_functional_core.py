@@ -124,6 +124,8 @@ def test_masked_passes_the_raw_updates_of_unmasked_parameters_as_optax_does():
     assert torch.equal(updates["a"], torch.full((2,), -0.1)) and torch.equal(updates["b"], torch.ones(2))
     with pytest.raises(KeyError, match="mask: no entry for parameter 'b'"):
         optim.masked(optim.sgd(0.1), {"a": True}).init(params)
+    with pytest.raises(KeyError, match="partition: no label for parameter 'b'"):
+        optim.partition({"x": optim.sgd(0.1)}, {"a": "x"}).init(params)
 
 
 # -- 2. losses that run through other modules ------------------------------------------------------------------

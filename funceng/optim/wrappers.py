@@ -58,13 +58,15 @@ def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation
     return GradientTransformation(init, update)
 
 
-def _label_of(labels: Labeler, name: str, param: torch.Tensor) -> str:
-    if callable(labels):
-        return labels(name, param)
+def _entry_for(table: Callable | Mapping, name: str, param: torch.Tensor, missing: str):
+    """``table(name, param)`` or ``table[name]``; a mapping without ``name`` raises ``KeyError`` saying
+    ``"{missing} for parameter {name!r}"``."""
+    if callable(table):
+        return table(name, param)
     try:
-        return labels[name]
+        return table[name]
     except KeyError:
-        raise KeyError(f"partition: no label for parameter {name!r}") from None
+        raise KeyError(f"{missing} for parameter {name!r}") from None
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler) -> GradientTransformation:
@@ -76,7 +78,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
     def groups(params: Params) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {label: [] for label in transforms}
         for name, p in params.items():
-            label = _label_of(labels, name, p)
+            label = _entry_for(labels, name, p, "partition: no label")
             if label not in out:
                 raise KeyError(f"partition: parameter {name!r} has label {label!r}; known: {sorted(transforms)}")
             out[label].append(name)
@@ -110,15 +112,6 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Labeler)
 Mask = Callable[[str, torch.Tensor], bool] | Mapping[str, bool]
 
 
-def _mask_of(mask: Mask, name: str, p: torch.Tensor) -> bool:
-    if callable(mask):
-        return bool(mask(name, p))
-    try:
-        return bool(mask[name])
-    except KeyError:
-        raise KeyError(f"mask: no entry for parameter {name!r}") from None
-
-
 def masked(tx: GradientTransformation, mask: Mask) -> GradientTransformation:
     """Applies ``tx`` only to the parameters where ``mask`` is true; the others' updates pass through unchanged
     (optax's ``masked``).
@@ -131,7 +124,7 @@ def masked(tx: GradientTransformation, mask: Mask) -> GradientTransformation:
     """
 
     def label(name: str, p: torch.Tensor) -> str:
-        return "masked" if _mask_of(mask, name, p) else "unmasked"
+        return "masked" if _entry_for(mask, name, p, "mask: no entry") else "unmasked"
 
     return partition({"masked": tx, "unmasked": identity()}, label)
 
