@@ -10,10 +10,16 @@ max_epochs = 15
 model = dict(type=DigitsCNN)
 work_dir = "work_dirs/digits_config"
 train_dataloader = dict(
-    batch_size=32, dataset=dict(type=DigitsDataset, split="train"), sampler=dict(type="DefaultSampler", shuffle=True)
+    batch_size=32,
+    dataset=dict(type=DigitsDataset, split="train"),
+    sampler=dict(type="DefaultSampler", shuffle=True),
+    collate_fn=dict(type="default_collate"),
 )
 val_dataloader = dict(
-    batch_size=64, dataset=dict(type=DigitsDataset, split="val"), sampler=dict(type="DefaultSampler", shuffle=False)
+    batch_size=64,
+    dataset=dict(type=DigitsDataset, split="val"),
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    collate_fn=dict(type="default_collate"),
 )
 val_evaluator = dict(type=Accuracy)
 optim_wrapper = dict(

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--checkpoint", required=True, help="a funceng checkpoint directory")
     inspect_cmd = commands.add_parser("inspect", help="print and verify a checkpoint")
     inspect_cmd.add_argument("checkpoint")
+    convert_cmd = commands.add_parser("convert", help="write a funceng checkpoint as an MMEngine .pth file")
+    convert_cmd.add_argument("checkpoint", help="a funceng checkpoint directory")
+    convert_cmd.add_argument("out", help="the .pth file to write ({'meta': ..., 'state_dict': ...})")
     plot_cmd = commands.add_parser("plot", help="render loss, lr and metric curves of a work_dir to PNG")
     plot_cmd.add_argument("work_dir")
     plot_cmd.add_argument("--out", help="output folder (default: <run>/plots)")
@@ -152,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return inspect_checkpoint(args.checkpoint)
+        if args.command == "convert":
+            from funceng.mmengine_format import convert
+
+            print(f"wrote {convert(args.checkpoint, args.out)}")
+            return 0
         return {"train": train, "test": test, "plot": plot}[args.command](args)
     except (CheckpointError, ConfigError, DistributedError, FileNotFoundError) as exc:
         print(f"funceng: {exc}", file=sys.stderr)

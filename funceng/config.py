@@ -1,11 +1,18 @@
-"""MMEngine-style config files: a Python file whose top-level variables are the Runner's arguments."""
+"""MMEngine-style config files: a Python file whose top-level variables are the Runner's arguments, and
+MMEngine's `Config` over them (``_base_`` inheritance, attribute access, ``merge_from_dict``, ``dump``)."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import copy
+import importlib
+import json
+import pprint
 import runpy
 import sys
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +20,262 @@ from funceng.errors import ConfigError
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """The top-level variables of the Python file ``path`` (modules and ``_private`` names left out).
+    """The top-level variables of the config file ``path`` (modules and ``_private`` names left out), merged
+    over those of its ``_base_`` files (see `Config`).
 
-    The file runs with its own folder on ``sys.path``, so it may import the model and metric it names.
+    A Python file runs with its own folder on ``sys.path``, so it may import the model and metric it names.
     """
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    return Config.fromfile(path).to_dict()
+
+
+def _run_file(path: Path) -> dict[str, Any]:
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.suffix != ".py":
+        raise ConfigError(f"config file {path}: only .py and .json configs are supported")
     sys.path.insert(0, str(path.parent))
     try:
         namespace = runpy.run_path(str(path), run_name=f"funceng_config_{path.stem}")
     finally:
         sys.path.remove(str(path.parent))
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+    return {
+        k: v
+        for k, v in namespace.items()
+        if (not k.startswith("_") or k in ("_base_",)) and not isinstance(v, types.ModuleType)
+    }
+
+
+def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: dicts merge key by key unless the child's has ``_delete_=True``."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping):
+            value = dict(value)
+            if value.pop("_delete_", False) or not isinstance(merged.get(key), Mapping):
+                merged[key] = _merge({}, value)
+            else:
+                merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if path in chain:
+        raise ConfigError(f"config file {path}: _base_ inheritance loops ({' -> '.join(map(str, chain + (path,)))})")
+    if not path.is_file():
+        where = f" (a _base_ of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} does not exist{where}")
+    variables = _run_file(path)
+    bases = variables.pop("_base_", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        base_vars = _read((path.parent / base).resolve(), (*chain, path))
+        for key in set(merged) & set(base_vars):
+            raise ConfigError(f"config file {path}: _base_ files both define {key!r}")
+        merged.update(base_vars)
+    imports = variables.get("custom_imports")
+    if imports:
+        _import_custom(imports, path)
+    return _merge(merged, variables)
+
+
+def _import_custom(custom_imports: Mapping[str, Any], path: Path) -> None:
+    modules = custom_imports.get("imports", [])
+    for module in [modules] if isinstance(modules, str) else modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            if not custom_imports.get("allow_failed_imports", False):
+                raise ConfigError(f"config file {path}: custom_imports cannot import {module!r}: {exc}") from exc
+
+
+class ConfigDict(dict):
+    """A dict whose keys read as attributes too (``cfg.model.type``); nested dicts are ConfigDicts."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = _wrap(value)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}; keys: {sorted(self)}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = _wrap(value)
+
+    def __deepcopy__(self, memo):
+        return ConfigDict({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _unwrap(self)
+
+
+def _wrap(value: Any) -> Any:
+    if isinstance(value, Mapping) and not isinstance(value, ConfigDict):
+        return ConfigDict(value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_unwrap(v) for v in value)
+    return value
+
+
+class Config:
+    """MMEngine's ``Config``: a config file's variables (after ``_base_`` inheritance) as a `ConfigDict`.
+
+    ``Config.fromfile(path)``: a ``.py`` (or ``.json``) file; ``_base_ = "base.py"`` or a list of them, relative
+    to the file, are read first and the file's variables merged over theirs (dicts key by key; a dict with
+    ``_delete_=True`` replaces). ``custom_imports = dict(imports=[...])`` are imported. Differences from MMEngine:
+    ``{{_base_.name}}`` substitutions and the ``read_base()`` style are not supported (a Python config imports what
+    it shares instead); YAML configs are not read.
+    """
+
+    def __init__(self, cfg_dict: Mapping[str, Any] | None = None, filename: str | Path | None = None):
+        object.__setattr__(self, "_cfg_dict", ConfigDict(cfg_dict or {}))
+        object.__setattr__(self, "filename", str(filename) if filename is not None else None)
+
+    @staticmethod
+    def fromfile(filename: str | Path, **ignored: Any) -> Config:
+        path = Path(filename).resolve()
+        return Config(_read(path, ()), filename=path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg_dict, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._cfg_dict[name] = _wrap(value)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._cfg_dict[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._cfg_dict[name] = _wrap(value)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._cfg_dict
+
+    def __iter__(self):
+        return iter(self._cfg_dict)
+
+    def __len__(self) -> int:
+        return len(self._cfg_dict)
+
+    def keys(self):
+        return self._cfg_dict.keys()
+
+    def items(self):
+        return self._cfg_dict.items()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._cfg_dict.get(name, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._cfg_dict.to_dict()
+
+    def copy(self) -> Config:
+        return Config(copy.deepcopy(self._cfg_dict), self.filename)
+
+    def __repr__(self) -> str:
+        return f"Config (path: {self.filename}): {self.to_dict()}"
+
+    def merge_from_dict(self, options: Mapping[str, Any], allow_list_keys: bool = True) -> None:
+        """Sets ``{"a.b.c": value}`` (a list element by its index, ``"a.0.b"``); dict values merge."""
+        for dotted, value in options.items():
+            keys = dotted.split(".")
+            node: Any = self._cfg_dict
+            for depth, key in enumerate(keys[:-1]):
+                node = _child(node, key, ".".join(keys[: depth + 1]), allow_list_keys, create=True)
+            last = keys[-1]
+            if isinstance(node, list):
+                node[_index(node, last, dotted, allow_list_keys)] = _wrap(value)
+            elif isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
+                node[last] = _wrap(_merge(dict(node[last]), value))
+            else:
+                node[last] = _wrap(value)
+
+    @property
+    def pretty_text(self) -> str:
+        """The config as a Python file: one ``name = value`` line per variable."""
+        lines = []
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {pprint.pformat(_as_source(value), width=100, sort_dicts=False)}")
+        return "\n".join(lines) + "\n"
+
+    @property
+    def text(self) -> str:
+        return Path(self.filename).read_text() if self.filename else self.pretty_text
+
+    def dump(self, file: str | Path | None = None) -> str | None:
+        """Writes the config to ``file`` (``.py``: `pretty_text`; ``.json``); without a file, returns the text."""
+        if file is None:
+            return self.pretty_text
+        file = Path(file)
+        text = json.dumps(_as_source(self.to_dict()), indent=2) if file.suffix == ".json" else self.pretty_text
+        file.write_text(text)
+        return None
+
+
+class _Source:
+    """A class or function in a dumped config: written as its import path, which the registries resolve."""
+
+    def __init__(self, obj: Any):
+        self.path = f"{obj.__module__}.{obj.__qualname__}"
+
+    def __repr__(self) -> str:
+        return repr(self.path)
+
+
+def _as_source(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _as_source(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_source(v) for v in value)
+    if isinstance(value, (type, types.FunctionType)):
+        return _Source(value).path
+    return value
+
+
+def _index(node: list, key: str, dotted: str, allow_list_keys: bool) -> int:
+    if not allow_list_keys or not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"merge_from_dict {dotted!r}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def _child(node: Any, key: str, where: str, allow_list_keys: bool, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, where, allow_list_keys)]
+    if key not in node or not isinstance(node[key], (Mapping, list)):
+        if not create:
+            raise ConfigError(f"config has no {where!r}")
+        node[key] = ConfigDict()
+    return node[key]
+
+
+class DictAction(argparse.Action):
+    """MMEngine's argparse action: ``--cfg-options a.b=1 c=[1,2]`` into ``{"a.b": 1, "c": [1, 2]}``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        options = dict(getattr(namespace, self.dest, None) or {})
+        for item in values:
+            if "=" not in item:
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {item!r}")
+            key, raw = item.split("=", 1)
+            options[key] = parse_value(raw)
+        setattr(namespace, self.dest, options)
 
 
 def parse_value(text: str) -> Any:

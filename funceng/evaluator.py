@@ -10,9 +10,7 @@ import torch
 
 from funceng.dist import collect_results
 from funceng.errors import ConfigError
-from funceng.registry import Registry
-
-METRICS = Registry("metric")
+from funceng.registry import EVALUATOR, METRICS
 
 
 class BaseMetric(metaclass=ABCMeta):
@@ -79,6 +77,16 @@ class Evaluator:
         for metric in self.metrics:
             metric.process(data_batch, data_samples)
 
+    def offline_evaluate(self, data_samples: Sequence, data: Sequence | None = None, chunk_size: int = 1) -> dict:
+        """MMEngine's ``Evaluator.offline_evaluate``: the metrics of saved predictions (and their inputs), fed to
+        ``process`` ``chunk_size`` samples at a time."""
+        if data is not None and len(data) != len(data_samples):
+            raise ValueError(f"offline_evaluate: {len(data_samples)} data_samples but {len(data)} data items")
+        for start in range(0, len(data_samples), chunk_size):
+            chunk = list(data_samples[start : start + chunk_size])
+            self.process(chunk, None if data is None else list(data[start : start + chunk_size]))
+        return self.evaluate(len(data_samples))
+
     def evaluate(self, size: int) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for metric in self.metrics:
@@ -92,6 +100,9 @@ class Evaluator:
         return merged
 
 
+EVALUATOR.register(Evaluator)
+
+
 def build_metric(cfg: BaseMetric | dict, where: str = "evaluator") -> BaseMetric:
     """A metric object, or one built from ``dict(type=MetricClass or its name, **kwargs)``."""
     if isinstance(cfg, BaseMetric):
@@ -102,12 +113,26 @@ def build_metric(cfg: BaseMetric | dict, where: str = "evaluator") -> BaseMetric
     return metric
 
 
+GREATER_KEYS = ("acc", "top", "ar@", "auc", "precision", "map", "mdice", "miou", "macc", "aacc")  # MMEngine's
+LESS_KEYS = ("loss",)
+
+
 def metric_rule(name: str, rule: str | None = None) -> str:
     """Whether a higher (``"greater"``) or lower (``"less"``) value of metric ``name`` is better: ``rule`` if
-    given, else ``"less"`` for names containing ``"loss"`` and ``"greater"`` for every other name."""
+    given, else inferred from the name as MMEngine infers it (``acc``, ``top``, ``mAP``, ``mIoU``, ... are
+    greater, ``loss`` is less); any other name needs ``rule``."""
     if rule not in (None, "greater", "less"):
         raise ConfigError(f"rule for {name!r} must be 'greater' or 'less', got {rule!r}")
-    return rule or ("less" if "loss" in name else "greater")
+    if rule is not None:
+        return rule
+    lowered = name.lower()
+    for keys, inferred in ((GREATER_KEYS, "greater"), (LESS_KEYS, "less")):
+        if any(key in lowered for key in keys):
+            return inferred
+    raise ConfigError(
+        f"cannot tell whether a higher or a lower {name!r} is better: give rule='greater' or rule='less' (MMEngine "
+        f"infers 'greater' for names containing {list(GREATER_KEYS)} and 'less' for {list(LESS_KEYS)})"
+    )
 
 
 def improvement(value: float, best: float, rule: str) -> float:

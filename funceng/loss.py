@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from funceng.data_preprocessor import BaseDataPreprocessor
+
 
 def call_model(model: nn.Module, batch: Any, mode: str) -> Any:
     """MMEngine's calling convention: ``model(*batch, mode=...)`` (``**batch`` for a dict).
@@ -16,7 +18,7 @@ def call_model(model: nn.Module, batch: Any, mode: str) -> Any:
     through ``data_preprocessor(batch, training)``, with ``training`` true for ``mode="loss"``.
     """
     preprocess = getattr(model, "data_preprocessor", None)
-    if preprocess is not None:
+    if preprocess is not None and type(preprocess) is not BaseDataPreprocessor:  # that one only moves the batch
         batch = preprocess(batch, mode == "loss")
     if isinstance(batch, Mapping):
         return model(**batch, mode=mode)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+STACK = dict(type="default_collate")  # samples stacked into tensors (MMEngine's default keeps them as lists)
 
 from funceng import dist, optim  # noqa: E402
 from funceng.evaluator import BaseMetric  # noqa: E402
@@ -72,9 +73,14 @@ def build_runner(work_dir: Path, batch_size: int, resume_from: str | None = None
     kwargs = dict(
         model=Mlp(),
         work_dir=work_dir,
-        train_dataloader=dict(dataset=dataset(96), batch_size=batch_size, sampler=dict(type="DefaultSampler")),
+        train_dataloader=dict(
+            dataset=dataset(96), batch_size=batch_size, sampler=dict(type="DefaultSampler"), collate_fn=STACK
+        ),
         test_dataloader=dict(
-            dataset=dataset(45, seed=1), batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False)
+            dataset=dataset(45, seed=1),
+            batch_size=4,
+            sampler=dict(type="DefaultSampler", shuffle=False),
+            collate_fn=STACK,
         ),
         test_evaluator=[dict(type=Accuracy), dict(type=LabelOrder, prefix="samples")],
         optim_wrapper=dict(

@@ -47,7 +47,7 @@ class Interrupt(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         if self.sleep:
             time.sleep(self.sleep)
-        if runner.iter == self.iteration:
+        if runner.iter + 1 == self.iteration:  # runner.iter: the index of the iteration just run
             os.kill(os.getpid(), self.signum)
 
 

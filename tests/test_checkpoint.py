@@ -123,8 +123,8 @@ def test_runner_refuses_a_pickle_through_load_from_and_last_checkpoint(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     _plant_pickle(work / "epoch_1.pth", marker)
-    with pytest.raises(CheckpointError, match="never unpickles"):
-        Runner(**runner_kwargs(tmp_path, load_from=str(work / "epoch_1.pth"))).val()
+    with pytest.raises(CheckpointError, match="epoch_1.pth: not a readable PyTorch checkpoint"):
+        Runner(**runner_kwargs(tmp_path, load_from=str(work / "epoch_1.pth"))).val()  # a .pth: weights only
     (work / "last_checkpoint").write_text(str(work / "epoch_1.pth"))
     with pytest.raises(CheckpointError, match="never unpickles"):
         Runner(**runner_kwargs(tmp_path, resume=True)).train()
@@ -148,7 +148,9 @@ def test_max_keep_ckpts_removes_old_checkpoints_only_after_the_new_one_is_comple
 
     runner = Runner(
         **runner_kwargs(
-            tmp_path, train_cfg=dict(by_epoch=True, max_epochs=3), default_hooks=dict(checkpoint=dict(max_keep_ckpts=1))
+            tmp_path,
+            train_cfg=dict(by_epoch=True, max_epochs=3),
+            default_hooks=dict(checkpoint=dict(interval=1, max_keep_ckpts=1)),
         )
     )
     seen = []

@@ -102,7 +102,8 @@ def test_only_rank_zero_logs_and_writes_checkpoints(runs):
     root, _, result = runs
     work = root / "two" / "work"
     assert sorted(p.name for p in work.iterdir() if not p.name[0].isdigit()) == ["iter_12", "iter_9", "last_checkpoint"]
-    (log_dir,) = [p for p in work.iterdir() if p.name[0].isdigit()]
+    (log_dir,) = [p for p in work.iterdir() if p.name[0].isdigit() and p.is_dir()]
+    assert [p.name for p in work.iterdir() if p.suffix == ".py"] == [f"{log_dir.name}.py"]  # the config, by rank 0
     log = (log_dir / f"{log_dir.name}.log").read_text()
     assert "World size: 2" in log and "Epoch(train) [2][6/6]" in log
     assert result.stdout.count("Epoch(train) [2][6/6]") == 1  # printed by rank 0 only

@@ -93,7 +93,6 @@ for i in range(2):
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     for argument in (
-        "Runner(experiment_name)",
         "Runner(default_scope)",
         "default_hooks.timer",
         "LoggerHook(log_metric_by_epoch)",
@@ -195,7 +194,7 @@ def test_checkpoint_out_dir_holds_the_checkpoints_and_resume_finds_them(tmp_path
         **runner_kwargs(
             tmp_path,
             train_cfg=dict(by_epoch=True, max_epochs=1),
-            default_hooks=dict(checkpoint=dict(out_dir=str(out_dir))),
+            default_hooks=dict(checkpoint=dict(interval=1, out_dir=str(out_dir))),
         )
     )
     runner.train()
@@ -203,7 +202,9 @@ def test_checkpoint_out_dir_holds_the_checkpoints_and_resume_finds_them(tmp_path
     assert not (tmp_path / "work" / "epoch_1").exists()
     assert Path((tmp_path / "work" / "last_checkpoint").read_text()) == out_dir / "work" / "epoch_1"
     (tmp_path / "work" / "last_checkpoint").unlink()  # the fallback scan must look in out_dir too
-    resumed = Runner(**runner_kwargs(tmp_path, resume=True, default_hooks=dict(checkpoint=dict(out_dir=str(out_dir)))))
+    resumed = Runner(
+        **runner_kwargs(tmp_path, resume=True, default_hooks=dict(checkpoint=dict(interval=1, out_dir=str(out_dir))))
+    )
     resumed.train()
     assert resumed.iter == 20 and (out_dir / "work" / "epoch_2").exists()
 
@@ -250,8 +251,11 @@ def test_a_data_preprocessor_runs_on_every_batch_before_forward(compile):
     torch.testing.assert_close(outputs, 2 * x @ state["params"]["fc.weight"].T + state["params"]["fc.bias"])
     if not compile:  # traced once when compiled; eagerly, every call is seen
         assert with_pre.data_preprocessor.modes == [True, False]
-    with pytest.raises(ConfigError, match="data_preprocessor: expected an nn.Module"):
-        Linear(data_preprocessor=dict(type="ImgDataPreprocessor"))
+    from funceng.model import ImgDataPreprocessor
+
+    assert isinstance(Linear(data_preprocessor=dict(type="ImgDataPreprocessor")).data_preprocessor, ImgDataPreprocessor)
+    with pytest.raises(ConfigError, match="data_preprocessor: expected an nn.Module .* or a config dict, got int"):
+        Linear(data_preprocessor=42)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])

@@ -224,7 +224,7 @@ def test_max_keep_ckpts_and_save_best(tmp_path):
         **runner_kwargs(
             tmp_path,
             train_cfg=dict(by_epoch=True, max_epochs=3),
-            default_hooks=dict(checkpoint=dict(max_keep_ckpts=2, save_best="accuracy")),
+            default_hooks=dict(checkpoint=dict(interval=1, max_keep_ckpts=2, save_best="accuracy")),
         )
     )
     runner.train()

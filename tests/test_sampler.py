@@ -60,7 +60,7 @@ def test_runner_reshuffles_config_built_loaders_every_epoch_from_seed_plus_epoch
     Runner(
         model=TinyNet(),
         work_dir=tmp_path,
-        train_dataloader=dict(dataset=data, batch_size=16),
+        train_dataloader=dict(dataset=data, batch_size=16, collate_fn=dict(type="default_collate")),
         optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
         train_cfg=dict(max_epochs=2),
         randomness=dict(seed=5),

@@ -1,4 +1,6 @@
-"""Functional optimizers in the optax style: pure ``(init, update)`` pairs composed with `chain`."""
+"""Functional optimizers in the optax style: pure ``(init, update)`` pairs composed with `chain`; and, for
+MMEngine code, its imperative optimizer wrappers (`OptimWrapper`, ...; `funceng.optim.imperative`) and
+``build_optim_wrapper`` / ``DefaultOptimWrapperConstructor`` (`funceng.optim.constructors`)."""
 
 from funceng.optim.alias import adam, adamw, sgd
 from funceng.optim.base import (
@@ -12,6 +14,8 @@ from funceng.optim.base import (
     identity,
     update_in_place,
 )
+from funceng.optim.constructors import DefaultOptimWrapperConstructor, MultiOptimWrapperConstructor, build_optim_wrapper
+from funceng.optim.imperative import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
 from funceng.optim.transforms import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -24,7 +28,12 @@ from funceng.optim.transforms import (
 from funceng.optim.wrappers import accumulate, freeze, masked, partition
 
 __all__ = [
+    "AmpOptimWrapper",
+    "DefaultOptimWrapperConstructor",
     "GradientTransformation",
+    "MultiOptimWrapperConstructor",
+    "OptimWrapper",
+    "OptimWrapperDict",
     "OptState",
     "Params",
     "Updates",
@@ -34,6 +43,7 @@ __all__ = [
     "add_decayed_weights",
     "apply_if",
     "apply_updates",
+    "build_optim_wrapper",
     "chain",
     "clip_by_global_norm",
     "clip_by_value",

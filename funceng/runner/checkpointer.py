@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from funceng import checkpoint, dist, fileio, tree
+from funceng import checkpoint, dist, fileio, mmengine_format, tree
 from funceng.errors import CheckpointError
 from funceng.evaluator import improvement
 from funceng.sharding import checkpoint_shard_layout, shard_layout
@@ -112,7 +112,13 @@ class Checkpointer:
         return checkpoint.load_state(path, shards=checkpoint_shard_layout(runner.model) if runner.sharded else None)
 
     def load_weights(self, path: str | Path) -> None:
-        """Copies a checkpoint's params and buffers into the runner's state (``load_from``)."""
+        """Copies a checkpoint's params and buffers into the runner's state (``load_from``): a funceng checkpoint
+        (a directory; names must match) or an MMEngine / PyTorch ``.pth`` file (read without unpickling code;
+        loaded non-strictly, as MMEngine does, each difference logged: `funceng.mmengine_format`)."""
+        if Path(path).is_file():
+            mmengine_format.load_weights(self.runner.state, path, self.runner.logger)
+            self.runner.logger.info(f"Load checkpoint from {path}")
+            return
         loaded, _ = self.load(path)
         state = self.runner.state
         for part in ("params", "buffers"):

@@ -13,10 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 IGNORED: dict[str, str] = {
-    "Runner(experiment_name)": "runs are named by their timestamp (work_dir/<timestamp>/)",
-    "Runner(cfg)": "the Runner is configured by its own arguments (Runner.from_cfg reads them from a config)",
     "Runner(default_scope)": "funceng has one registry per kind of component and no scopes",
-    "BaseModel(init_cfg)": "funceng does not run init_weights(); initialise the weights in the model's __init__",
     "BaseMetric(collect_device)": "results are always gathered through the CPU process group",
     "BaseMetric(collect_dir)": "results are always gathered in memory",
     "LoggerHook(log_metric_by_epoch)": "validation metrics are logged at the epoch (or iteration) they belong to",
@@ -49,12 +46,6 @@ def log_ignored(logger: logging.Logger) -> None:
         logger.warning(f"{argument} is accepted for MMEngine compatibility and ignored: {IGNORED[argument]}.")
         _logged.add(argument)
     _pending.clear()
-
-
-def note_model(model: Any) -> None:
-    """Records the compatibility-only arguments a `funceng.model.BaseModel` was given."""
-    if getattr(model, "init_cfg", None) is not None:
-        ignored("BaseModel(init_cfg)")
 
 
 def note_metrics(metrics: Iterable[Any]) -> None:

@@ -19,29 +19,31 @@ from torch.utils.data.dataloader import default_collate
 
 from funceng import rng, tree
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry
+from funceng.registry import DATA_SAMPLERS, DATASETS, FUNCTIONS
 from funceng.runner.sampler import DefaultSampler, loading_options, shard_loader
 
 
-def _torchvision_dataset(name: str) -> Any:
-    try:
-        import torchvision.datasets
-    except ImportError:  # torchvision is an optional extra
-        return None
-    return getattr(torchvision.datasets, name, None)
+def pseudo_collate(batch: list) -> Any:
+    """MMEngine's ``pseudo_collate`` (the default ``collate_fn`` of dataloader configs, as in MMEngine): samples
+    transposed field by field, through dicts, tuples, lists and namedtuples, without stacking: a batch of
+    ``dict(inputs=image, label=3)`` samples becomes ``dict(inputs=[images], label=[3, ...])``."""
+    first = batch[0]
+    if isinstance(first, (str, bytes)):
+        return list(batch)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(pseudo_collate(list(field)) for field in zip(*batch)))
+    if isinstance(first, Mapping):
+        return type(first)({key: pseudo_collate([sample[key] for sample in batch]) for key in first})
+    if isinstance(first, (list, tuple)):
+        if any(len(sample) != len(first) for sample in batch):
+            raise RuntimeError("pseudo_collate: every sample of a batch must have the same number of fields")
+        return [pseudo_collate(list(field)) for field in zip(*batch)]
+    return list(batch)
 
 
-def pseudo_collate(batch: list) -> list:
-    """MMEngine's ``pseudo_collate``: a batch of samples as one list per field, not stacked into tensors."""
-    return list(zip(*batch))
-
-
-DATASETS = Registry("dataset", fallback=_torchvision_dataset)
-SAMPLERS = Registry("sampler", by_name=True)
-SAMPLERS.register(DefaultSampler)
-COLLATE_FUNCTIONS = Registry("collate function", by_name=True)
-COLLATE_FUNCTIONS.register(default_collate)
-COLLATE_FUNCTIONS.register(pseudo_collate)
+DATA_SAMPLERS.register(DefaultSampler)
+FUNCTIONS.register(default_collate)
+FUNCTIONS.register(pseudo_collate)
 
 
 def build_dataset(cfg: Any, where: str = "dataset") -> Any:
@@ -71,7 +73,7 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
     sampler = cfg.pop("sampler", None) or {}
     if isinstance(sampler, Mapping):
         check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
-        sampler_class = SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
+        sampler_class = DATA_SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
         shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
         cfg["sampler"] = sampler_class(
             dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0, round_up=sampler.get("round_up", train)
@@ -79,10 +81,10 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
     else:
         cfg["sampler"] = sampler
     cfg.setdefault("pin_memory", torch.cuda.is_available())  # with non_blocking copies: transfers overlap compute
-    collate = cfg.pop("collate_fn", None)
+    collate = cfg.pop("collate_fn", {"type": "pseudo_collate"})  # MMEngine's default
     if isinstance(collate, Mapping):
         check_keys(f"{name}.collate_fn", collate, {"type"})
-        collate = COLLATE_FUNCTIONS.resolve(collate.get("type", "default_collate"), f"{name}.collate_fn.type")
+        collate = FUNCTIONS.resolve(collate.get("type", "pseudo_collate"), f"{name}.collate_fn.type")
     if collate is not None:
         cfg["collate_fn"] = collate
     try:

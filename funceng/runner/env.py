@@ -94,7 +94,13 @@ def start_distributed(launcher: str, env_cfg: Mapping | None) -> str:
     """Applies ``env_cfg`` and joins the process group for ``launcher="pytorch"`` (or under torchrun); returns
     the launcher in effect."""
     env_cfg = dict(env_cfg or {})
-    check_keys("env_cfg", env_cfg, {"cudnn_benchmark", "mp_cfg", "dist_cfg"})
+    check_keys("env_cfg", env_cfg, {"cudnn_benchmark", "mp_cfg", "dist_cfg", "resource_limit"})
+    if "resource_limit" in env_cfg:  # MMEngine's: raise the open-files soft limit (many loader workers)
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = min(max(soft, int(env_cfg["resource_limit"])), hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     dist_cfg = dict(env_cfg.get("dist_cfg") or {})
     check_keys("env_cfg.dist_cfg", dist_cfg, {"backend", "timeout"})
     if env_cfg.get("cudnn_benchmark"):

@@ -6,11 +6,14 @@ import datetime
 import logging
 import sys
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from funceng.errors import ConfigError, check_keys
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
@@ -131,3 +134,38 @@ def cuda_memory_mb(device: torch.device) -> int | None:
     memory = torch.cuda.max_memory_allocated(device) // (1024 * 1024)
     torch.cuda.reset_peak_memory_stats(device)
     return int(memory)
+
+
+LOG_PROCESSOR_KEYS = {
+    "type",
+    "window_size",
+    "by_epoch",
+    "custom_cfg",
+    "num_digits",
+    "log_with_hierarchy",
+    "mean_pattern",
+}
+
+
+def build_log_processor(cfg: Mapping[str, Any] | None, loop_by_epoch: bool) -> dict[str, Any]:
+    """MMEngine's ``log_processor`` dict, checked: ``window_size`` (iterations the logged values are averaged
+    over, or ``"global"``; default 10) and ``by_epoch`` (must agree with ``train_cfg``). Options that would
+    change what is logged and are not implemented are refused, naming them."""
+    cfg = dict(cfg or {})
+    check_keys("log_processor", cfg, LOG_PROCESSOR_KEYS)
+    if cfg.pop("type", "LogProcessor") != "LogProcessor":
+        raise ConfigError("log_processor.type: only 'LogProcessor' is available")
+    window = cfg.get("window_size", 10)
+    if window != "global" and (not isinstance(window, int) or window < 1):
+        raise ConfigError(f"log_processor.window_size: expected a positive int or 'global', got {window!r}")
+    if cfg.get("by_epoch", loop_by_epoch) != loop_by_epoch:
+        raise ConfigError(
+            f"log_processor.by_epoch={cfg['by_epoch']} disagrees with train_cfg (by_epoch={loop_by_epoch}); "
+            "funceng logs in the train loop's unit"
+        )
+    for key, default in (("custom_cfg", None), ("num_digits", 4), ("log_with_hierarchy", False)):
+        if cfg.get(key, default) not in (default, [], ()):
+            raise ConfigError(f"log_processor.{key}={cfg[key]!r} is not supported; funceng logs with {key}={default}")
+    if cfg.get("mean_pattern", r".*(loss|time|data_time|grad_norm).*") != r".*(loss|time|data_time|grad_norm).*":
+        raise ConfigError("log_processor.mean_pattern is not supported: funceng averages every logged loss and time")
+    return {"window_size": 10**9 if window == "global" else window, "by_epoch": loop_by_epoch}

@@ -20,15 +20,13 @@ import torch
 
 from funceng import dist, rng
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry
+from funceng.registry import LOOPS
 from funceng.runner.data import resume_position, to_device
 from funceng.runner.env import StopSignals
 from funceng.step import TrainStep
 
 if TYPE_CHECKING:
     from funceng.runner.runner import Runner
-
-LOOPS = Registry("loop", by_name=True)
 
 
 class IterTimer:
@@ -103,6 +101,9 @@ class TrainLoop:
         self.runner, self.dataloader = runner, dataloader
         self.val_begin, self.val_interval = val_begin, val_interval
         self.epoch = self.iter = 0
+        # while after_train_iter / after_train_epoch hooks run, the runner shows MMEngine's counters: the index of
+        # the iteration / epoch just finished (these loops count them as done already)
+        self.hook_lag = {"iter": 0, "epoch": 0}
         self.batches_done = 0  # batches of the current pass over the loader already trained on
         self.stop_training = False
         self.timer = runner.timer
@@ -154,10 +155,18 @@ class TrainLoop:
         self.batches_done = batch_idx + 1
         self.nonfinite.record(self.iter, metrics["loss"])
         self.timer.end_iter()
-        runner.call_hook("after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
+        self.call_lagging_hook("iter", "after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
         signum = self.signals.received()
         if signum is not None:
             self._checkpoint_and_exit(signum)
+
+    def call_lagging_hook(self, counter: str, stage: str, **kwargs: Any) -> None:
+        """Calls ``stage`` with the runner's ``counter`` showing the index just finished, as MMEngine does."""
+        self.hook_lag[counter] = 1
+        try:
+            self.runner.call_hook(stage, **kwargs)
+        finally:
+            self.hook_lag[counter] = 0
 
     def _checkpoint_and_exit(self, signum: int) -> None:
         """After SIGTERM / SIGINT: saves ``iter_N``, waits for every rank to have done so, and exits."""
@@ -285,7 +294,7 @@ class EpochBasedTrainLoop(TrainLoop):
                 self.check_finite()
                 self.batches_done = 0
                 self.epoch += 1
-                self.runner.call_hook("after_train_epoch")
+                self.call_lagging_hook("epoch", "after_train_epoch")
             if self.stop_training:
                 break
             self.validate_if_due(self.epoch, self.max_epochs)
@@ -297,6 +306,7 @@ class IterBasedTrainLoop(TrainLoop):
     ``val_interval`` iterations."""
 
     by_epoch = False
+    max_epochs = 1  # as MMEngine's: the whole run is one "epoch" for epoch-based hooks
 
     def __init__(self, runner: Runner, dataloader: Any, max_iters: int, val_begin: int = 1, val_interval: int = 1000):
         super().__init__(runner, dataloader, val_begin, val_interval)

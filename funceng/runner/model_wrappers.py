@@ -16,11 +16,9 @@ import torch
 from torch import nn
 
 from funceng.errors import ConfigError
-from funceng.registry import Registry
+from funceng.registry import MODEL_WRAPPERS
 from funceng.runner import compat
 from funceng.sharding import fully_shard_model
-
-MODEL_WRAPPERS = Registry("model wrapper", by_name=True)
 
 
 @MODEL_WRAPPERS.register(name="MMDistributedDataParallel")

@@ -13,35 +13,17 @@ from torch import nn
 
 from funceng import optim
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry, keyword_parameters, type_name
+from funceng.optim.imperative import AmpOptimWrapper, BoundUpdate, OptimWrapper
+from funceng.optim.paramwise import paramwise_multipliers
+from funceng.registry import OPTIM_WRAPPERS, OPTIMIZERS, keyword_parameters, type_name
 
-
-class OptimWrapper:
-    """``optim_wrapper=dict(type="OptimWrapper")`` (the default): updates in the parameters' dtype."""
-
-
-class AmpOptimWrapper:
-    """``optim_wrapper=dict(type="AmpOptimWrapper", dtype="float16" | "bfloat16")``: the forward pass under
-    autocast; float16 also scales the loss dynamically and skips non-finite steps."""
-
-
-OPTIMIZERS = Registry("optimizer", by_name=True)  # torch.optim.SGD and "SGD" both mean funceng's sgd
 OPTIMIZERS.register(optim.sgd, name="SGD")
 OPTIMIZERS.register(optim.adam, name="Adam")
 OPTIMIZERS.register(optim.adamw, name="AdamW")
-OPTIM_WRAPPERS = Registry("optimizer wrapper", by_name=True)
 OPTIM_WRAPPERS.register(OptimWrapper)
 OPTIM_WRAPPERS.register(AmpOptimWrapper)
 WRAPPER_KEYS = {"type", "optimizer", "clip_grad", "accumulative_counts", "dtype", "paramwise_cfg", "loss_scale"}
-PARAMWISE_KEYS = {
-    "custom_keys",
-    "bias_lr_mult",
-    "bias_decay_mult",
-    "norm_decay_mult",
-    "dwconv_decay_mult",
-    "flat_decay_mult",
-}
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+WRAPPER_KEYS |= {"constructor"}  # "DefaultOptimWrapperConstructor" here; others build wrapper objects
 AMP_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -142,36 +124,6 @@ def _with_clipping(tx: optim.GradientTransformation, clip: Mapping | None, shard
     raise ConfigError(f"optim_wrapper.clip_grad.type: expected 'norm' or 'value', got {clip_type!r}")
 
 
-def paramwise_multipliers(model: nn.Module, paramwise_cfg: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """``{param name: (lr_mult, decay_mult)}`` following MMEngine's ``DefaultOptimWrapperConstructor``."""
-    check_keys("optim_wrapper.paramwise_cfg", paramwise_cfg, PARAMWISE_KEYS)
-    custom = paramwise_cfg.get("custom_keys", {})
-    for key, mults in custom.items():
-        check_keys(f"optim_wrapper.paramwise_cfg.custom_keys[{key!r}]", mults, {"lr_mult", "decay_mult"})
-    ordered = sorted(sorted(custom), key=len, reverse=True)  # longer keys win, then alphabetical: MMEngine's order
-    result = {}
-    for module_name, module in model.named_modules():
-        for short, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{short}" if module_name else short
-            match = next((key for key in ordered if key in name), None)
-            if match is not None:
-                result[name] = (custom[match].get("lr_mult", 1.0), custom[match].get("decay_mult", 1.0))
-                continue
-            lr_mult, decay_mult = 1.0, 1.0
-            is_norm = isinstance(module, NORM_LAYERS)
-            if short == "bias" and not is_norm:
-                lr_mult = paramwise_cfg.get("bias_lr_mult", 1.0)
-                decay_mult = paramwise_cfg.get("bias_decay_mult", 1.0)
-            if is_norm:
-                decay_mult = paramwise_cfg.get("norm_decay_mult", 1.0)
-            elif isinstance(module, nn.Conv2d) and module.in_channels == module.groups and param.ndim > 1:
-                decay_mult = paramwise_cfg.get("dwconv_decay_mult", 1.0)
-            elif param.ndim == 1 and "flat_decay_mult" in paramwise_cfg:
-                decay_mult = paramwise_cfg["flat_decay_mult"]
-            result[name] = (lr_mult, decay_mult)
-    return result
-
-
 def _scaled(lr: float | Callable, mult: float) -> float | Callable:
     if mult == 1.0:
         return lr
@@ -188,6 +140,8 @@ def scale_lr(
     ``enable=False``."""
     if not auto_scale_lr or not auto_scale_lr.get("enable", True):
         return optim_wrapper
+    if not isinstance(optim_wrapper, Mapping):
+        raise ConfigError("auto_scale_lr scales the lr of a config: give optim_wrapper as a dict, not an object")
     if "base_batch_size" not in auto_scale_lr:
         raise ConfigError("auto_scale_lr: missing 'base_batch_size' (the batch size the lr was tuned for)")
     if not global_batch:
@@ -202,3 +156,26 @@ def scale_lr(
         f"is {real}. Scaling the original LR by {ratio}."
     )
     return {**optim_wrapper, "optimizer": {**opt_cfg, "lr": opt_cfg["lr"] * ratio}}
+
+
+def config_facade(runner: Any, cfg: Mapping[str, Any], schedule: Callable | None, base_lr: float) -> OptimWrapper:
+    """``runner.optim_wrapper`` after a config built the pure step: an `OptimWrapper` that hooks can read
+    (``get_lr()``: the scheduled lr of the base group; ``optimizer.param_groups``) but not step, since the
+    compiled train step updates the state itself."""
+
+    def refuse(grads):
+        raise TypeError(
+            "runner.optim_wrapper.step(): the Runner's compiled train step updates the state; to update it "
+            "yourself, override BaseModel.train_step(data, optim_wrapper)"
+        )
+
+    def lrs() -> list[float]:  # the current iteration's: while after_* hooks run, the one just trained with
+        lag = runner.train_loop.hook_lag
+        step = int(runner.state["step"]) - (1 if lag["iter"] or lag["epoch"] else 0)
+        return [float(schedule(max(step, 0))) if schedule is not None else float(base_lr)]
+
+    group = {k: v for k, v in (cfg.get("optimizer") or {}).items() if k != "type"}
+    facade = OptimWrapper(accumulative_counts=int(cfg.get("accumulative_counts", 1)))
+    names = [n for n, p in runner.model.named_parameters() if p.requires_grad]
+    facade.bind(runner.model, BoundUpdate(names, refuse, lrs, [group]))
+    return facade

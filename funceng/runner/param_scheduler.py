@@ -15,12 +15,12 @@ import torch
 
 from funceng import schedules
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry, keyword_parameters, type_name
+from funceng.registry import PARAM_SCHEDULERS as SCHEDULERS
+from funceng.registry import keyword_parameters, type_name
 from funceng.runner import compat
 
 INF = 10**12
 COMMON_KEYS = {"type", "begin", "end", "by_epoch", "convert_to_iter_based", "last_step", "verbose"}
-SCHEDULERS = Registry("scheduler", by_name=True)  # torch's lr_scheduler classes and MMEngine's names alike
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ share: the model, the `TrainState` and the hooks. The loops do the running.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -16,17 +17,21 @@ from typing import Any
 from torch import nn
 
 from funceng import binding, dist, optim
+from funceng.config import Config
 from funceng.errors import ConfigError, check_keys
 from funceng.model import build_model
 from funceng.runner import compat
 from funceng.runner.checkpointer import Checkpointer
+from funceng.runner.counters import RunnerCounters
 from funceng.runner.data import build_dataloader, is_ragged
 from funceng.runner.env import RunEnvironment, default_device, open_run_log
 from funceng.runner.eval_loops import EvalLoop, build_eval_loop
 from funceng.runner.hooks import CheckpointHook, EMAHook, Hook, build_hooks
+from funceng.runner.imperative_step import build_imperative_training, trains_imperatively
+from funceng.runner.log import build_log_processor
 from funceng.runner.loops import IterTimer, build_train_loop
 from funceng.runner.model_wrappers import wrap_model
-from funceng.runner.optim_wrapper import build_optimizer, scale_lr
+from funceng.runner.optim_wrapper import build_optimizer, config_facade, scale_lr
 from funceng.runner.param_scheduler import build_lr_schedule
 from funceng.runner.visualizer import Visualizer
 from funceng.sharding import is_sharded
@@ -35,7 +40,7 @@ from funceng.step import make_train_step
 from funceng.tree import flatten
 
 
-class Runner:
+class Runner(RunnerCounters):
     """Trains, validates, tests, logs and checkpoints a `BaseModel` from MMEngine-style arguments.
 
     Use it as a context manager, or call `close`, to close its log and scalar files.
@@ -70,13 +75,14 @@ class Runner:
         visualizer: Mapping | None = None,
         auto_scale_lr: Mapping | None = None,
         model_wrapper_cfg: Mapping | None = None,
+        log_processor: Mapping | None = None,
     ):
         self.work_dir = Path(work_dir).resolve()
         if self.work_dir.exists() and not self.work_dir.is_dir():
             raise ConfigError(f"work_dir {self.work_dir} exists and is a file; it must be a directory")
-        for name, value in (("experiment_name", experiment_name), ("cfg", cfg), ("default_scope", default_scope)):
-            if value is not None:
-                compat.ignored(f"Runner({name})")
+        if default_scope is not None:
+            compat.ignored("Runner(default_scope)")
+        self.cfg = cfg if isinstance(cfg, Config) else Config(cfg)  # Runner.from_cfg passes the config file's
         self.env = RunEnvironment.start(launcher, env_cfg, randomness)
         self.rank, self.world_size, self.seed = self.env.rank, self.env.world_size, self.env.seed
         self.device = default_device()
@@ -100,68 +106,51 @@ class Runner:
             raise ConfigError("custom_hooks: EMAHook cannot evaluate an averaged copy of a sharded model")
         out_dir = next((h.out_dir for h in self.hooks if isinstance(h, CheckpointHook) and h.out_dir), None)
         self.checkpointer = Checkpointer(self, Path(out_dir) / self.work_dir.name if out_dir else self.work_dir)
-        compat.note_model(model)
         compat.note_metrics(m for loop in (self.val_loop, self.test_loop) if loop for m in loop.evaluator.metrics)
         self.timestamp, self.log_dir, self.logger = open_run_log(self.env, self.work_dir, log_level)
+        self.experiment_name = experiment_name or self.timestamp
+        if self.rank == 0:  # as MMEngine: the config (empty for a Runner built in a script) beside the runs
+            self.cfg.dump(
+                self.work_dir / (Path(self.cfg.filename).name if self.cfg.filename else f"{self.timestamp}.py")
+            )
+        self.log_processor = build_log_processor(log_processor, self.by_epoch)
         self.scalars = Visualizer.from_cfg(self.log_dir / "vis_data", visualizer, write=self.rank == 0)
         compat.log_ignored(self.logger)
         self.state: TrainState | None = None
         self.eval_params_key = "params"  # which params the eval loops use ("ema" while EMAHook validates)
+        self.eval_buffers_key = "buffers"  # and which buffers ("ema_buffers" for EMAHook(update_buffers=True))
         self.last_metrics: dict[str, Any] = {}  # of the latest validation or test
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> Runner:
-        """A Runner from a config's variables (see `funceng.config.load_config`); other variables are ignored.
+    def from_cfg(cls, cfg: Mapping[str, Any] | Config) -> Runner:
+        """A Runner from a config (a `funceng.config.Config` or a dict of its variables). Variables that are not
+        Runner arguments are left for the config's own use; one that looks like a misspelt argument is an error.
 
         ``model`` may be a module or a dict with ``type`` (a class or a registered name) and its arguments.
         """
+        config = cfg if isinstance(cfg, Config) else Config(cfg)
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        kwargs = {k: v for k, v in cfg.items() if k in names}
+        values = config.to_dict()
+        for key in values:  # a typo of an argument; other variables (train_pipeline, data_root) are the config's own
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+            if key not in names and close:
+                raise ConfigError(f"config: {key!r} is not a Runner argument (did you mean {close[0]!r}?)")
+        kwargs = {k: v for k, v in values.items() if k in names and k != "cfg"}
         missing = [k for k in ("model", "work_dir") if k not in kwargs]
         if missing:
             raise ConfigError(f"config: missing {missing}")
-        return cls(**{**kwargs, "model": build_model(kwargs["model"])})
+        return cls(**{**kwargs, "model": build_model(kwargs["model"]), "cfg": config})
 
-    # -- what hooks and MMEngine users read ---------------------------------------------------------------------
-
-    @property
-    def by_epoch(self) -> bool:
-        return self.train_loop.by_epoch if self.train_loop is not None else True
-
-    @property
-    def epoch(self) -> int:
-        return self.train_loop.epoch if self.train_loop is not None else 0
-
-    @property
-    def iter(self) -> int:
-        return self.train_loop.iter if self.train_loop is not None else 0
-
-    @property
-    def max_epochs(self) -> int | None:
-        return getattr(self.train_loop, "max_epochs", None)
-
-    @property
-    def max_iters(self) -> int:
-        return self.train_loop.max_iters if self.train_loop is not None else 0
-
-    @property
-    def stop_training(self) -> bool:
-        return self.train_loop is not None and self.train_loop.stop_training
-
-    @stop_training.setter
-    def stop_training(self, value: bool) -> None:
-        self.train_loop.stop_training = value
-
-    @property
-    def train_step(self):
-        """The pure train step (built by `train` or `load_or_resume`)."""
-        return self.train_loop.train_step if self.train_loop is not None else None
+    @staticmethod
+    def build_dataloader(dataloader: Any, seed: int | None = None, diff_rank_seed: bool = False) -> Any:
+        """MMEngine's ``Runner.build_dataloader``: a loader from a dataloader dict (a built one passes through)."""
+        return build_dataloader(dataloader, "dataloader", seed or 0, train=True)
 
     def config_summary(self) -> dict[str, Any]:
         """The run's training config, as checkpoints record it."""
         return {
             "train_cfg": self.train_cfg,
-            "optim_wrapper": self.optim_wrapper,
+            "optim_wrapper": getattr(self, "optim_wrapper_cfg", self.optim_wrapper),
             "param_scheduler": self.param_scheduler,
             "compile": self.compile,
         }
@@ -172,6 +161,8 @@ class Runner:
         """Trains for ``train_cfg``'s length, validating every ``val_interval``; returns the trained model."""
         if self.train_loop is None:
             raise ConfigError("train() needs train_cfg (by_epoch=True + max_epochs, or by_epoch=False + max_iters)")
+        if self.state is None and callable(getattr(self.model, "init_weights", None)):
+            self.model.init_weights()  # MMEngine's init_cfg, after seeding; a resume or load_from then replaces it
         self.load_or_resume()
         self.logger.info(f"Checkpoints will be saved to {self.checkpointer.directory}.")
         return self.train_loop.run()
@@ -189,7 +180,10 @@ class Runner:
             raise ConfigError(f"{mode}() needs {mode}_dataloader and {mode}_evaluator")
         if self.state is None:
             self.load_or_resume()
-        return loop.run()
+        self.call_hook("before_run")  # as MMEngine's val() and test()
+        metrics = loop.run()
+        self.call_hook("after_run")
+        return metrics
 
     def load_or_resume(self) -> None:
         """Builds the state (with the optimizer and train step when training is configured), then loads
@@ -199,7 +193,7 @@ class Runner:
             if self.resume_from:
                 self.checkpointer.resume(self.resume_from)
         elif self.state is None:
-            self._create_state(optim.sgd(0.0))  # evaluation only: no optimizer state worth having
+            self.create_state(optim.sgd(0.0))  # evaluation only: no optimizer state worth having
 
     def _build_training(self) -> None:
         loader = self.train_dataloader
@@ -208,32 +202,39 @@ class Runner:
         global_batch = (getattr(loader, "batch_size", None) or 0) * self.world_size
         self.optim_wrapper = scale_lr(self.optim_wrapper, self.auto_scale_lr, global_batch, self.logger)
         self.auto_scale_lr = {}  # scaled once
+        if trains_imperatively(self.model, self.optim_wrapper):
+            build_imperative_training(self, loader)
+            return
         base_lr = (self.optim_wrapper.get("optimizer") or {}).get("lr", 0.0)
         accumulate = int(self.optim_wrapper.get("accumulative_counts", 1))
         schedule = build_lr_schedule(self.param_scheduler, base_lr, len(loader), accumulate)
         setup = build_optimizer(self.optim_wrapper, self.model, schedule, sharded=self.sharded)
-        self._log_frozen(setup.frozen)
-        self._create_state(setup.tx)
+        self.log_frozen(setup.frozen)
+        self.create_state(setup.tx)
         self.train_loop.train_step = make_train_step(
             self.model, setup.tx, compile=self.compile, amp=setup.amp, donate=True, dynamic_batch=is_ragged(loader)
         )
+        per_iteration = schedule if accumulate == 1 else build_lr_schedule(self.param_scheduler, base_lr, len(loader))
+        facade = config_facade(self, self.optim_wrapper, per_iteration, base_lr)
+        self.optim_wrapper_cfg, self.optim_wrapper = self.optim_wrapper, facade
 
-    def _log_frozen(self, by_lr_mult: tuple[str, ...]) -> None:
+    def log_frozen(self, by_lr_mult: tuple[str, ...], why: str = "paramwise_cfg lr_mult=0") -> None:
         """Says once which parameters the run leaves unchanged, and why."""
         no_grad = [name for name, p in self.model.named_parameters() if not p.requires_grad]
-        for names, why in ((no_grad, "requires_grad=False"), (by_lr_mult, "paramwise_cfg lr_mult=0")):
+        by_lr_mult = tuple(name for name in by_lr_mult if name not in no_grad)
+        for names, reason in ((no_grad, "requires_grad=False"), (by_lr_mult, why)):
             if names:
                 shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
-                self.logger.info(f"Frozen by {why}: {len(names)} parameters stay unchanged ({shown})")
+                self.logger.info(f"Frozen by {reason}: {len(names)} parameters stay unchanged ({shown})")
 
-    def _create_state(self, tx: Any) -> None:
+    def create_state(self, tx: Any) -> None:
         """The state for ``tx``: the model's current weights, the hooks' extra tensors, rank 0's values on every
         rank, and ``load_from``'s weights the first time."""
         first = self.state is None
         state = TrainState.create(self.model, tx, seed=self.env.rank_seed)
         extras = {}
         for hook in self.hooks:
-            extras.update(hook.extra_state(dict(state["params"].items())))
+            extras.update(hook.extra_state(dict(state["params"].items()), buffers=dict(state["buffers"].items())))
         if extras:
             state = TrainState({**dict(state.unlock_().items()), **extras}, batch_size=[])
             state.lock_()
@@ -245,9 +246,10 @@ class Runner:
 
     def eval_state(self) -> TrainState:
         """The state the eval loops use: the current one, with ``eval_params_key``'s params (EMA's, say)."""
-        if self.eval_params_key == "params":
+        if self.eval_params_key == "params" and self.eval_buffers_key == "buffers":
             return self.state
-        return TrainState({**dict(self.state.items()), "params": self.state[self.eval_params_key]}, batch_size=[])
+        swapped = {"params": self.state[self.eval_params_key], "buffers": self.state[self.eval_buffers_key]}
+        return TrainState({**dict(self.state.items()), **swapped}, batch_size=[])
 
     def sync_model(self) -> None:
         """Points the model at the current state's weights (compiled steps never touch the module)."""

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry
+from funceng.registry import VISBACKENDS as VIS_BACKENDS
 from funceng.runner import compat
-
-VIS_BACKENDS = Registry("backend")
 
 
 @VIS_BACKENDS.register

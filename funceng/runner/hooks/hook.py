@@ -8,13 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from funceng.errors import ConfigError, check_keys
-from funceng.registry import Registry
+from funceng.registry import HOOKS
 from funceng.runner import compat
 
 if TYPE_CHECKING:
     from funceng.runner.runner import Runner
 
-HOOKS = Registry("hook")
 PRIORITIES = {
     "HIGHEST": 0,
     "VERY_HIGH": 10,
@@ -29,7 +28,13 @@ PRIORITIES = {
 
 
 class Hook:
-    """Base class: override the stages you need. ``priority`` (a name or an int, lower runs first) orders hooks."""
+    """Base class: override the stages you need. ``priority`` (a name or an int, lower runs first) orders hooks;
+    a hook config may set it too (``dict(type="MyHook", priority="HIGH")``).
+
+    The runner's counters read as in MMEngine: during ``after_train_iter`` ``runner.iter`` is the index of the
+    iteration just run (so ``runner.iter + 1`` iterations are done), and during ``after_train_epoch``
+    ``runner.epoch`` is the index of the epoch just finished.
+    """
 
     priority: str | int = "NORMAL"
 
@@ -66,7 +71,9 @@ class Hook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what `state_dict` returned."""
 
-    def extra_state(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def extra_state(
+        self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """Tensors this hook keeps in the TrainState (created once, saved and resumed with it)."""
         return {}
 
@@ -74,8 +81,31 @@ class Hook:
     def priority_value(self) -> int:
         return PRIORITIES[self.priority] if isinstance(self.priority, str) else int(self.priority)
 
+    # -- MMEngine's helpers for "is it time?" ----------------------------------------------------------------------
+
+    def every_n_epochs(self, runner: Runner, n: int, start: int = 0) -> bool:
+        done = runner.epoch + 1 - start
+        return n > 0 and done >= 0 and done % n == 0
+
+    def every_n_train_iters(self, runner: Runner, n: int, start: int = 0) -> bool:
+        done = runner.iter + 1 - start
+        return n > 0 and done >= 0 and done % n == 0
+
+    def every_n_inner_iters(self, batch_idx: int, n: int) -> bool:
+        return n > 0 and (batch_idx + 1) % n == 0
+
+    def end_of_epoch(self, dataloader: Any, batch_idx: int) -> bool:
+        return batch_idx + 1 == len(dataloader)
+
+    def is_last_train_epoch(self, runner: Runner) -> bool:
+        return runner.epoch + 1 == runner.max_epochs
+
+    def is_last_train_iter(self, runner: Runner) -> bool:
+        return runner.iter + 1 == runner.max_iters
+
 
 DEFAULT_HOOKS = {"logger": "LoggerHook", "checkpoint": "CheckpointHook"}  # registered by their modules
+DEFAULT_HOOK_CONFIGS = {"logger": {}, "checkpoint": {"interval": 1}}
 BUILT_IN_DEFAULT_HOOKS = ("timer", "runtime_info", "param_scheduler", "sampler_seed", "visualization")
 
 
@@ -86,7 +116,7 @@ def build_hooks(default_hooks: Mapping[str, Any] | None, custom_hooks: Sequence[
     check_keys("default_hooks", default_hooks, set(DEFAULT_HOOKS) | set(BUILT_IN_DEFAULT_HOOKS))
     hooks = []
     for name, type_name in DEFAULT_HOOKS.items():
-        cfg = default_hooks.get(name, {})
+        cfg = default_hooks.get(name, DEFAULT_HOOK_CONFIGS[name])  # a given dict replaces the default, as in MMEngine
         if cfg is not None:  # None disables it
             hooks.append(_build_hook(cfg, f"default_hooks.{name}", type_name))
     for name in BUILT_IN_DEFAULT_HOOKS:
@@ -101,7 +131,13 @@ def _build_hook(cfg: Any, where: str, default_type: str | None = None) -> Hook:
         return cfg
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"{where}: expected a Hook or a dict, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    priority = cfg.pop("priority", None)
     hook = HOOKS.build(cfg, where, default_type=default_type)
     if not isinstance(hook, Hook):
         raise ConfigError(f"{where}: {type(hook).__name__} is not a Hook")
+    if priority is not None:
+        if not isinstance(priority, int) and priority not in PRIORITIES:
+            raise ConfigError(f"{where}.priority: expected an int or one of {list(PRIORITIES)}, got {priority!r}")
+        hook.priority = priority
     return hook

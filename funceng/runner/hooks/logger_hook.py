@@ -13,8 +13,9 @@ from funceng.runner.log import ProgressBar, Window, cuda_memory_mb, epoch_end_li
 
 @HOOKS.register
 class LoggerHook(Hook):
-    """Logs smoothed time, data_time and losses every ``interval`` iterations in MMEngine's format and writes them
-    to ``vis_data/scalars.json`` (and any other visualizer backend).
+    """Logs time, data_time and losses every ``interval`` iterations in MMEngine's format, each the mean over the
+    last ``log_processor.window_size`` iterations (10 by default, as MMEngine's), and writes them to
+    ``vis_data/scalars.json`` (and any other visualizer backend).
 
     Losses stay on the device between log lines, so a compiled step is never synced more than once per line.
     ``progress``: ``True`` shows a live bar (eta, it/s, loss) instead of printing iteration lines to the terminal
@@ -42,13 +43,15 @@ class LoggerHook(Hook):
         self._bar: ProgressBar | None = None
         self._bar_postfix: dict[str, float] = {}
         self._windows: dict[str, Window] = {}
+        self._window_size = 10
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     def _window(self, key: str) -> Window:
-        return self._windows.setdefault(key, Window(self.interval))
+        return self._windows.setdefault(key, Window(self._window_size))
 
     def before_train(self, runner):
         self._windows.clear()
+        self._window_size = runner.log_processor["window_size"]  # MMEngine's LogProcessor: 10 by default
         wanted = self.progress is True or (self.progress == "auto" and sys.stdout.isatty())
         self._show_bar = wanted and runner.rank == 0
         runner.logger.terminal_filter.quiet = self._show_bar
@@ -77,11 +80,12 @@ class LoggerHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self._window("time").update(runner.timing["time"])
         self._window("data_time").update(runner.timing["data_time"])
-        self._pending.append((runner.iter, {k: v for k, v in outputs.items() if k not in ("lr", "grad_norm")}))
+        done = runner.iter + 1  # iterations done (runner.iter is the index of the one just run)
+        self._pending.append((done, {k: v for k, v in outputs.items() if k not in ("lr", "grad_norm")}))
         loader_len = len(runner.train_dataloader)
         end_of_epoch = runner.by_epoch and batch_idx + 1 == loader_len
-        position = batch_idx + 1 if runner.by_epoch else runner.iter
-        if position % self.interval == 0 or (not runner.by_epoch and runner.iter == runner.max_iters):
+        position = batch_idx + 1 if runner.by_epoch else done
+        if position % self.interval == 0 or (not runner.by_epoch and done == runner.max_iters):
             self._log_train(runner, batch_idx, outputs)
         elif end_of_epoch and (not self.ignore_last or loader_len <= self.interval):
             self._log_train(runner, batch_idx, outputs)
@@ -105,6 +109,7 @@ class LoggerHook(Hook):
 
     def _log_train(self, runner, batch_idx, outputs):
         scalars = self._drain(runner)
+        done = runner.iter + 1
         lr = outputs["lr"].item() if "lr" in outputs else None
         if runner.by_epoch:
             head = header(
@@ -115,9 +120,9 @@ class LoggerHook(Hook):
                 total=len(runner.train_dataloader),
             )
         else:
-            head = header("train", epoch=None, max_epochs=None, index=runner.iter, total=runner.max_iters)
+            head = header("train", epoch=None, max_epochs=None, index=done, total=runner.max_iters)
         time_mean = self._window("time").mean()
-        eta = self._window("time").global_mean() * (runner.max_iters - runner.iter)
+        eta = self._window("time").global_mean() * (runner.max_iters - done)
         memory = cuda_memory_mb(runner.device)
         ordered = {k: v for k, v in scalars.items() if k != "loss"}
         ordered["loss"] = scalars["loss"]
@@ -132,11 +137,11 @@ class LoggerHook(Hook):
             "time": time_mean,
             **ordered,
             "epoch": runner.epoch + 1 if runner.by_epoch else None,
-            "iter": runner.iter,
+            "iter": done,
         }
         if memory is not None:
             record["memory"] = memory
-        runner.scalars.write(record, runner.iter)
+        runner.scalars.write(record, done)
 
     def before_val_epoch(self, runner):
         self._val_time, self._val_data_time = Window(self.interval), Window(self.interval)

@@ -1,0 +1,117 @@
+"""MMEngine's ``mmengine.hooks``: every hook a config or a script may name, at MMEngine's import path.
+
+funceng's own hooks live in `funceng.runner.hooks`, one per module. MMEngine's default hooks that funceng's
+loops do themselves (timing, runtime info, parameter schedules, sampler seeds, visualisation) are accepted as
+names and logged as ignored (`funceng.runner.compat`); `ProfilerHook` is refused with a pointer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from funceng.errors import ConfigError
+from funceng.registry import HOOKS
+from funceng.runner import compat
+from funceng.runner.hooks import (
+    CheckpointHook,
+    EarlyStoppingHook,
+    EMAHook,
+    Hook,
+    LoggerHook,
+    SyncBuffersHook,
+)
+
+__all__ = [
+    "CheckpointHook",
+    "DistSamplerSeedHook",
+    "EMAHook",
+    "EarlyStoppingHook",
+    "EmptyCacheHook",
+    "Hook",
+    "IterTimerHook",
+    "LoggerHook",
+    "NaiveVisualizationHook",
+    "ParamSchedulerHook",
+    "ProfilerHook",
+    "RuntimeInfoHook",
+    "SyncBuffersHook",
+]
+
+
+@HOOKS.register
+class EmptyCacheHook(Hook):
+    """Releases the CUDA caching allocator's unused blocks (``torch.cuda.empty_cache``) before and/or after each
+    epoch and after each iteration, as MMEngine's; nothing to do without CUDA."""
+
+    def __init__(self, before_epoch: bool = False, after_epoch: bool = True, after_iter: bool = False):
+        self._before_epoch, self._after_epoch, self._after_iter = before_epoch, after_epoch, after_iter
+
+    @staticmethod
+    def _empty() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _after_iter_any(self, runner, batch_idx, data_batch=None, outputs=None):
+        if self._after_iter:
+            self._empty()
+
+    def _before_epoch_any(self, runner):
+        if self._before_epoch:
+            self._empty()
+
+    def _after_epoch_any(self, runner, metrics=None):
+        if self._after_epoch:
+            self._empty()
+
+    after_train_iter = after_val_iter = after_test_iter = _after_iter_any
+    before_train_epoch = before_val_epoch = before_test_epoch = _before_epoch_any
+    after_val_epoch = after_test_epoch = _after_epoch_any
+
+    def after_train_epoch(self, runner):
+        self._after_epoch_any(runner)
+
+
+class _BuiltIntoLoops(Hook):
+    """One of MMEngine's default hooks whose work funceng's loops do themselves."""
+
+    key = ""
+
+    def __init__(self, *args, **kwargs):
+        compat.ignored(f"default_hooks.{self.key}")
+
+
+@HOOKS.register
+class IterTimerHook(_BuiltIntoLoops):
+    key = "timer"
+
+
+@HOOKS.register
+class RuntimeInfoHook(_BuiltIntoLoops):
+    key = "runtime_info"
+
+
+@HOOKS.register
+class ParamSchedulerHook(_BuiltIntoLoops):
+    key = "param_scheduler"
+
+
+@HOOKS.register
+class DistSamplerSeedHook(_BuiltIntoLoops):
+    key = "sampler_seed"
+
+
+@HOOKS.register
+class NaiveVisualizationHook(_BuiltIntoLoops):
+    key = "visualization"
+
+
+@HOOKS.register
+class ProfilerHook(Hook):
+    """Refused: funceng has no profiler hook yet."""
+
+    def __init__(self, *args, **kwargs):
+        raise ConfigError(
+            "ProfilerHook is not available in funceng yet; profile a few iterations by wrapping runner.train() "
+            "in torch.profiler.profile(schedule=torch.profiler.schedule(wait=1, warmup=1, active=3), "
+            "on_trace_ready=torch.profiler.tensorboard_trace_handler(dir))"
+        )
