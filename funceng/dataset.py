@@ -4,6 +4,8 @@ transforms), `Compose`, the collate functions and the samplers."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,9 +43,12 @@ class Compose:
 @DATASETS.register
 class BaseDataset(Dataset):
     """MMEngine's ``BaseDataset``: a list of samples (dicts) from ``load_data_list``, each passed through the
-    ``pipeline``. With ``lazy_init=True`` the list is loaded on first use (``full_init``). ``metainfo`` merges the
-    class attribute ``METAINFO`` with the argument. ``indices`` (an int: the first N; a list: those) keeps a
-    subset. ``test_mode`` is kept for subclasses to read."""
+    ``pipeline``. By default ``load_data_list`` reads OpenMMLab's annotation format, a JSON ``ann_file`` with
+    ``metainfo`` and ``data_list``, each entry through ``parse_data_info`` (its ``data_prefix`` keys joined with the
+    prefixes; ``ann_file`` and relative prefixes joined with ``data_root``). With ``lazy_init=True`` the list is
+    loaded on first use (``full_init``). ``metainfo`` merges the class attribute ``METAINFO``, the argument and the
+    annotation file's, in that order of precedence reversed (the argument wins). ``indices`` (an int: the first N;
+    a list: those) keeps a subset. ``test_mode`` is kept for subclasses to read."""
 
     METAINFO: dict = {}
 
@@ -52,7 +57,7 @@ class BaseDataset(Dataset):
         ann_file: str = "",
         metainfo: Mapping | None = None,
         data_root: str = "",
-        data_prefix: Mapping | None = None,
+        data_prefix: Mapping | None = None,  # MMEngine's default: dict(img_path="")
         filter_cfg: Mapping | None = None,
         indices: int | Sequence[int] | None = None,
         serialize_data: bool = True,
@@ -62,7 +67,13 @@ class BaseDataset(Dataset):
         max_refetch: int = 1000,
     ):
         self.ann_file, self.data_root = ann_file, data_root
-        self.data_prefix = dict(data_prefix or {})
+        self.data_prefix = dict(data_prefix if data_prefix is not None else {"img_path": ""})
+        if data_root:
+            if ann_file and not os.path.isabs(ann_file):
+                self.ann_file = os.path.join(data_root, ann_file)
+            for key, prefix in self.data_prefix.items():
+                if not os.path.isabs(prefix):
+                    self.data_prefix[key] = os.path.join(data_root, prefix)
         self.filter_cfg, self._indices = filter_cfg, indices
         self.serialize_data, self.test_mode, self.max_refetch = serialize_data, test_mode, max_refetch
         self._metainfo = {**copy.deepcopy(self.METAINFO), **dict(metainfo or {})}
@@ -77,7 +88,31 @@ class BaseDataset(Dataset):
         return copy.deepcopy(self._metainfo)
 
     def load_data_list(self) -> list[dict]:
-        raise NotImplementedError(f"{type(self).__name__}.load_data_list() must return a list of dicts")
+        """OpenMMLab's annotation format (see the class docstring); subclasses with other formats override it."""
+        if not self.ann_file:
+            raise NotImplementedError(
+                f"{type(self).__name__}: give ann_file (a JSON file with 'metainfo' and 'data_list') or override "
+                "load_data_list() to return a list of dicts"
+            )
+        with open(self.ann_file) as f:
+            annotations = json.load(f)
+        if not isinstance(annotations, dict) or not {"metainfo", "data_list"} <= set(annotations):
+            raise ValueError(f"{self.ann_file}: expected a JSON object with 'metainfo' and 'data_list'")
+        for key, value in annotations["metainfo"].items():
+            self._metainfo.setdefault(key, value)
+        data_list = []
+        for raw in annotations["data_list"]:
+            parsed = self.parse_data_info(raw)
+            data_list.extend(parsed if isinstance(parsed, list) else [parsed])
+        return data_list
+
+    def parse_data_info(self, raw_data_info: dict) -> dict | list[dict]:
+        """One annotation entry with its ``data_prefix`` keys joined with the prefixes."""
+        for key, prefix in self.data_prefix.items():
+            if key not in raw_data_info:
+                raise KeyError(f"{self.ann_file}: an entry has no {key!r} for data_prefix[{key!r}]: {raw_data_info}")
+            raw_data_info[key] = os.path.join(prefix, raw_data_info[key])
+        return raw_data_info
 
     def filter_data(self) -> list[dict]:
         """The samples to keep (all of them; subclasses filter by ``self.filter_cfg``), as MMEngine's."""

@@ -62,6 +62,8 @@ def config_tutorial(pkg: str, folder: Path) -> dict:
         "optimizer = dict(lr=0.01)\n"
         "model = dict(norm=dict(_delete_=True, type='GN', num_groups=4))\n"
         "pipeline = [dict(type='Load'), dict(type='Resize', scale=32)]\n"
+        "head = dict(type='Head', norm={{_base_.model.norm}}, lr={{ _base_.optimizer.lr }})\n"
+        "work_dir = './work_dirs/{{ fileBasenameNoExtension }}'\n"
     )
     cfg = Config.fromfile(folder / "child.py")
     read = {"lr": cfg.optimizer.lr, "momentum": cfg.optimizer["momentum"], "norm": cfg.model.norm.to_dict()}
@@ -222,6 +224,20 @@ def initialize_tutorial(pkg: str) -> dict:
     return weights(model)
 
 
+def scalar_logger(pkg: str):
+    """A hook that adds scalars to the message hub (advanced_tutorials/logging.md)."""
+    Hook, MessageHub = lib(pkg, "hooks").Hook, lib(pkg, "logging").MessageHub
+
+    class ScalarLogger(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            hub = MessageHub.get_current_instance()
+            hub.update_scalar("train/double_loss", 2 * outputs["loss"])
+            hub.update_scalar("train/iteration_seen", float(runner.iter))
+            self.info = hub.get_info("iter"), hub.get_info("max_iters")
+
+    return ScalarLogger
+
+
 # -- optimizer wrapper (tutorials/optim_wrapper.md) ------------------------------------------------------------------
 
 
@@ -253,6 +269,28 @@ def offline_evaluation(pkg: str) -> dict:
 
 
 # -- data (tutorials/dataset.md, advanced_tutorials/basedataset.md, tutorials/model.md) ------------------------------
+
+
+def annotation_file_tutorial(pkg: str, folder: Path) -> dict:
+    BaseDataset = lib(pkg, "dataset").BaseDataset
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    annotations = dict(
+        metainfo=dict(classes=("cat", "dog"), version="1.0"),
+        data_list=[dict(img_path=f"{i}.jpg", img_label=i % 2) for i in range(5)],
+    )
+    (folder / "annotations" / "train.json").write_text(json.dumps(annotations))
+
+    def load_label(results):
+        return {**results, "label": results["img_label"] * 10}
+
+    dataset = BaseDataset(
+        data_root=str(folder),
+        ann_file="annotations/train.json",
+        data_prefix=dict(img_path="images"),
+        metainfo=dict(version="2.0"),
+        pipeline=[load_label],
+    )
+    return {"items": [dataset[i] for i in range(len(dataset))], "metainfo": dataset.metainfo}
 
 
 def data_tutorial(pkg: str) -> dict:

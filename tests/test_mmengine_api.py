@@ -67,6 +67,9 @@ def test_config_tutorial_inherits_merges_and_dumps_like_mmengine(tmp_path):
     assert_same(mm, fe)
     assert fe["read"] == {"lr": 0.01, "momentum": 0.9, "norm": {"type": "GN", "num_groups": 4}}
     assert fe["merged"]["pipeline"][1] == {"type": "Resize", "scale": 64}
+    assert fe["read"]["norm"] == {"type": "GN", "num_groups": 4}
+    assert fe["merged"]["head"] == {"type": "Head", "norm": {"type": "BN", "eps": 1e-5}, "lr": 0.1}  # the base's
+    assert fe["merged"]["work_dir"] == "./work_dirs/child"
 
 
 def test_runner_tutorial_trains_logs_calls_hooks_and_validates_like_mmengine(tmp_path):
@@ -242,6 +245,45 @@ def test_dataset_collate_and_data_preprocessor_tutorials_give_mmengine_batches()
     assert_same(mm, fe, rtol=0, atol=0)
     assert fe["metainfo"] == {"classes": ("cat", "dog"), "task": "renamed"} and fe["length"] == 4
     assert fe["inputs"].shape == (3, 3, 8, 8)  # stacked, padded to a multiple of 4
+
+
+def test_base_dataset_reads_openmmlab_annotation_files_like_mmengine(tmp_path):
+    mm, fe = (tutorials.annotation_file_tutorial(pkg, tmp_path / pkg) for pkg in BOTH)
+    assert_same(
+        {**mm, "items": [{k: v for k, v in i.items() if k != "img_path"} for i in mm["items"]]},
+        {**fe, "items": [{k: v for k, v in i.items() if k != "img_path"} for i in fe["items"]]},
+    )
+    assert [Path(i["img_path"]).relative_to(tmp_path / "funceng") for i in fe["items"]][:2] == [
+        Path("images/0.jpg"),
+        Path("images/1.jpg"),
+    ]
+    assert fe["metainfo"] == {"classes": ["cat", "dog"], "version": "2.0"}
+    assert fe["items"][3]["label"] == 10 and fe["items"][3]["sample_idx"] == 3
+
+
+def test_scalars_added_to_the_message_hub_are_logged_like_mmengine(tmp_path):
+    logged, info = {}, {}
+    for pkg in BOTH:
+        hook = tutorials.scalar_logger(pkg)()
+        runner_class(pkg)(**tutorials.regression_runner_kwargs(pkg, tmp_path / pkg, custom_hooks=[hook])).train()
+        scalars = sorted((tmp_path / pkg).glob("*/vis_data/scalars.json"))[-1].read_text().splitlines()
+        rows = [json.loads(line) for line in scalars if "double_loss" in line]
+        logged[pkg] = [(row["double_loss"], row["iteration_seen"]) for row in rows]
+        info[pkg] = hook.info
+    assert_same(logged["mmengine"], logged["funceng"])
+    assert [seen for _, seen in logged["funceng"]] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the latest, not a mean
+    assert info["funceng"] == info["mmengine"] == (5, 6)
+
+
+def test_print_log_and_mmlogger_write_to_the_current_run_log(tmp_path):
+    from funceng.logging import MMLogger, print_log
+
+    runner = runner_class("funceng")(**tutorials.regression_runner_kwargs("funceng", tmp_path))
+    print_log("a line from a script", logger="current")
+    MMLogger.get_current_instance().warning("a warning from a hook")
+    runner.close()
+    log = sorted(tmp_path.glob("*/*.log"))[-1].read_text()
+    assert "INFO - a line from a script" in log and "WARNING - a warning from a hook" in log
 
 
 def test_hooks_run_in_mmengine_priority_order(tmp_path):
