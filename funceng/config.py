@@ -8,8 +8,9 @@ import ast
 import copy
 import importlib
 import json
+import os
 import pprint
-import runpy
+import re
 import sys
 import types
 from collections.abc import Mapping
@@ -28,14 +29,59 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return Config.fromfile(path).to_dict()
 
 
+_BASE_REFERENCE = re.compile(r"\{\{\s*_base_\.([\w\.]+)\s*\}\}")
+_PLACEHOLDER = "_funceng_base_reference_"
+
+
+def _substitute_text(text: str, path: Path) -> str:
+    """MMEngine's text substitutions: ``{{ fileDirname }}`` and the other predefined variables, ``{{ $VAR:default }}``
+    from the environment, and ``{{ _base_.name }}`` as a placeholder that `_resolve_base_references` replaces."""
+    predefined = {
+        "fileDirname": str(path.parent),
+        "fileBasename": path.name,
+        "fileBasenameNoExtension": path.stem,
+        "fileExtname": path.suffix,
+    }
+    for name, value in predefined.items():
+        text = re.sub(r"\{\{\s*" + name + r"\s*\}\}", value.replace("\\", "/"), text)
+
+    def env(match: re.Match) -> str:
+        name, colon, default = match.group(1).partition(":")
+        if name not in os.environ and not colon:
+            raise ConfigError(f"config file {path}: environment variable {name} is not set and has no default")
+        return os.environ.get(name, default)
+
+    text = re.sub(r"\{\{\s*\$(\w+(?::[^}]*)?)\s*\}\}", env, text)
+    return _BASE_REFERENCE.sub(lambda m: repr(_PLACEHOLDER + m.group(1)), text)
+
+
+def _resolve_base_references(value: Any, base: Mapping[str, Any], path: Path) -> Any:
+    if isinstance(value, str) and value.startswith(_PLACEHOLDER):
+        node: Any = base
+        for key in value[len(_PLACEHOLDER) :].split("."):
+            if not isinstance(node, Mapping) or key not in node:
+                raise ConfigError(
+                    f"config file {path}: {{{{_base_.{value[len(_PLACEHOLDER) :]}}}}} is not in its _base_"
+                )
+            node = node[key]
+        return copy.deepcopy(node)
+    if isinstance(value, Mapping):
+        return {k: _resolve_base_references(v, base, path) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve_base_references(v, base, path) for v in value)
+    return value
+
+
 def _run_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.suffix != ".py":
+    if path.suffix not in (".py", ".json"):
         raise ConfigError(f"config file {path}: only .py and .json configs are supported")
+    text = _substitute_text(path.read_text(), path)
+    if path.suffix == ".json":
+        return json.loads(text)
+    namespace: dict[str, Any] = {"__file__": str(path), "__name__": f"funceng_config_{path.stem}"}
     sys.path.insert(0, str(path.parent))
     try:
-        namespace = runpy.run_path(str(path), run_name=f"funceng_config_{path.stem}")
+        exec(compile(text, str(path), "exec"), namespace)
     finally:
         sys.path.remove(str(path.parent))
     return {
@@ -77,7 +123,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     imports = variables.get("custom_imports")
     if imports:
         _import_custom(imports, path)
-    return _merge(merged, variables)
+    return _merge(merged, _resolve_base_references(variables, merged, path))
 
 
 def _import_custom(custom_imports: Mapping[str, Any], path: Path) -> None:
@@ -139,9 +185,10 @@ class Config:
 
     ``Config.fromfile(path)``: a ``.py`` (or ``.json``) file; ``_base_ = "base.py"`` or a list of them, relative
     to the file, are read first and the file's variables merged over theirs (dicts key by key; a dict with
-    ``_delete_=True`` replaces). ``custom_imports = dict(imports=[...])`` are imported. Differences from MMEngine:
-    ``{{_base_.name}}`` substitutions and the ``read_base()`` style are not supported (a Python config imports what
-    it shares instead); YAML configs are not read.
+    ``_delete_=True`` replaces); ``{{_base_.name}}`` takes a base's value, ``{{fileDirname}}`` (and
+    ``fileBasename``, ``fileBasenameNoExtension``, ``fileExtname``) the file's, ``{{$VAR:default}}`` the
+    environment's. ``custom_imports = dict(imports=[...])`` are imported. Differences from MMEngine: the
+    ``read_base()`` (lazy import) style is not supported; YAML configs are not read.
     """
 
     def __init__(self, cfg_dict: Mapping[str, Any] | None = None, filename: str | Path | None = None):
