@@ -23,17 +23,12 @@ from funceng.runner.hooks import (
 
 __all__ = [
     "CheckpointHook",
-    "DistSamplerSeedHook",
     "EMAHook",
     "EarlyStoppingHook",
     "EmptyCacheHook",
     "Hook",
-    "IterTimerHook",
     "LoggerHook",
-    "NaiveVisualizationHook",
-    "ParamSchedulerHook",
     "ProfilerHook",
-    "RuntimeInfoHook",
     "SyncBuffersHook",
 ]
 
@@ -80,29 +75,16 @@ class _BuiltIntoLoops(Hook):
         compat.ignored(f"default_hooks.{self.key}")
 
 
-@HOOKS.register
-class IterTimerHook(_BuiltIntoLoops):
-    key = "timer"
-
-
-@HOOKS.register
-class RuntimeInfoHook(_BuiltIntoLoops):
-    key = "runtime_info"
-
-
-@HOOKS.register
-class ParamSchedulerHook(_BuiltIntoLoops):
-    key = "param_scheduler"
-
-
-@HOOKS.register
-class DistSamplerSeedHook(_BuiltIntoLoops):
-    key = "sampler_seed"
-
-
-@HOOKS.register
-class NaiveVisualizationHook(_BuiltIntoLoops):
-    key = "visualization"
+BUILT_INTO_LOOPS = {  # MMEngine's default hook -> its key in default_hooks
+    "IterTimerHook": "timer",
+    "RuntimeInfoHook": "runtime_info",
+    "ParamSchedulerHook": "param_scheduler",
+    "DistSamplerSeedHook": "sampler_seed",
+    "NaiveVisualizationHook": "visualization",
+}
+for _name, _key in BUILT_INTO_LOOPS.items():
+    globals()[_name] = HOOKS.register(type(_name, (_BuiltIntoLoops,), {"key": _key, "__module__": __name__}))
+__all__ += list(BUILT_INTO_LOOPS)
 
 
 @HOOKS.register

@@ -5,11 +5,28 @@ from __future__ import annotations
 
 from typing import Any
 
+from funceng.logging import MessageHub, MMLogger
+
+
+def open_message_hub(runner: Any) -> MessageHub:
+    """The run's `funceng.logging.MessageHub` (made current, with the run's logger as ``MMLogger``'s)."""
+    hub = MessageHub.get_instance(runner.experiment_name)
+    hub.update_info_dict({"experiment_name": runner.experiment_name, "seed": runner.seed})
+    MMLogger._current = runner.logger
+    return hub
+
 
 class RunnerCounters:
     """Read-only views of the train loop's position, for a class with a ``train_loop`` attribute."""
 
     train_loop: Any
+    message_hub: MessageHub
+
+    def update_runtime_info(self) -> None:
+        """Where the run stands, in the message hub's runtime information (MMEngine's RuntimeInfoHook)."""
+        self.message_hub.update_info_dict(
+            {"epoch": self.epoch, "iter": self.iter, "max_epochs": self.max_epochs, "max_iters": self.max_iters}
+        )
 
     @property
     def by_epoch(self) -> bool:

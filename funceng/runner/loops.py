@@ -146,6 +146,7 @@ class TrainLoop:
     def run_iter(self, batch_idx: int, batch: Any) -> None:
         """One iteration: hooks, the pure step, hooks; then a stop signal is honoured."""
         runner = self.runner
+        runner.update_runtime_info()
         runner.call_hook("before_train_iter", batch_idx=batch_idx, data_batch=batch)
         with dist.naming_collective_failures(
             f"the train step at iteration {self.iter + 1} ({self.describe(self.iter + 1)})"

@@ -22,7 +22,7 @@ from funceng.errors import ConfigError, check_keys
 from funceng.model import build_model
 from funceng.runner import compat
 from funceng.runner.checkpointer import Checkpointer
-from funceng.runner.counters import RunnerCounters
+from funceng.runner.counters import RunnerCounters, open_message_hub
 from funceng.runner.data import build_dataloader, is_ragged
 from funceng.runner.env import RunEnvironment, default_device, open_run_log
 from funceng.runner.eval_loops import EvalLoop, build_eval_loop
@@ -109,6 +109,7 @@ class Runner(RunnerCounters):
         compat.note_metrics(m for loop in (self.val_loop, self.test_loop) if loop for m in loop.evaluator.metrics)
         self.timestamp, self.log_dir, self.logger = open_run_log(self.env, self.work_dir, log_level)
         self.experiment_name = experiment_name or self.timestamp
+        self.message_hub = open_message_hub(self)
         if self.rank == 0:  # as MMEngine: the config (empty for a Runner built in a script) beside the runs
             self.cfg.dump(
                 self.work_dir / (Path(self.cfg.filename).name if self.cfg.filename else f"{self.timestamp}.py")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -105,6 +106,7 @@ class LoggerHook(Hook):
         for row in values:
             for key, value in zip(keys, row):
                 self._window(key).update(value)
+                runner.message_hub.update_scalar(f"train/{key}", value)
         return {k: self._window(k).mean() for k in keys}
 
     def _log_train(self, runner, batch_idx, outputs):
@@ -126,6 +128,11 @@ class LoggerHook(Hook):
         memory = cuda_memory_mb(runner.device)
         ordered = {k: v for k, v in scalars.items() if k != "loss"}
         ordered["loss"] = scalars["loss"]
+        for key, history in runner.message_hub.log_scalars.items():  # what hooks and models added, as MMEngine's
+            name = key.removeprefix("train/")
+            if key.startswith("train/") and name not in ordered and name not in ("lr", "time", "data_time"):
+                smoothed = re.search("loss|time|grad_norm", name)
+                ordered[name] = history.mean(self._window_size) if smoothed else history.current()
         if "grad_norm" in outputs:
             ordered["grad_norm"] = outputs["grad_norm"].item()
         line = iteration_line(head, lr, eta, time_mean, self._window("data_time").mean(), memory, ordered)
