@@ -468,3 +468,25 @@ def test_compile_true_in_a_config_compiles_the_train_step_and_trains_as_eagerly(
         assert runner.train_step.compiled is compile and runner.state["step"].item() == 3
         trained[compile] = tutorials.weights(runner.model)
     assert_same(trained[False], trained[True])
+
+
+def test_a_custom_sampler_from_the_registry_gets_the_dataset_and_the_seed_like_mmengine(tmp_path):
+    orders = {}
+    for pkg in BOTH:
+        registry = import_module(f"{pkg}.registry")
+
+        class EveryOther(torch.utils.data.Sampler):
+            def __init__(self, dataset, seed, offset=0):
+                self.size, self.seed, self.offset = len(dataset), seed, offset
+
+            def __iter__(self):
+                return iter(range(self.offset, self.size, 2))
+
+            def __len__(self):
+                return len(range(self.offset, self.size, 2))
+
+        registry.DATA_SAMPLERS.register_module(module=EveryOther, force=True)
+        loader = dict(batch_size=2, dataset=tutorials.TensorData(8, 0), sampler=dict(type="EveryOther", offset=1))
+        built = runner_class(pkg).build_dataloader(loader, seed=5)
+        orders[pkg] = (list(built.sampler), built.sampler.seed)
+    assert orders["funceng"] == orders["mmengine"] == ([1, 3, 5, 7], 5)

@@ -72,12 +72,24 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
     dataset = build_dataset(cfg.pop("dataset"), f"{name}.dataset")
     sampler = cfg.pop("sampler", None) or {}
     if isinstance(sampler, Mapping):
-        check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
-        sampler_class = DATA_SAMPLERS.resolve(sampler.get("type", "DefaultSampler"), f"{name}.sampler.type")
-        shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
-        cfg["sampler"] = sampler_class(
-            dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0, round_up=sampler.get("round_up", train)
-        )
+        kind = sampler.get("type", "DefaultSampler")
+        if isinstance(kind, type) and kind.__name__ not in DATA_SAMPLERS:  # your own sampler class
+            sampler_class = kind
+        else:
+            sampler_class = DATA_SAMPLERS.resolve(kind, f"{name}.sampler.type")
+        if sampler_class is DefaultSampler:
+            check_keys(f"{name}.sampler", sampler, {"type", "shuffle", "seed", "round_up"})
+            shuffle = cfg.pop("shuffle", sampler.get("shuffle", True))
+            cfg["sampler"] = sampler_class(
+                dataset, shuffle=shuffle, seed=sampler.get("seed", seed) or 0, round_up=sampler.get("round_up", train)
+            )
+        else:  # as MMEngine builds one: with the dataset and the run's seed
+            options = {k: v for k, v in sampler.items() if k != "type"}
+            options.setdefault("seed", seed)
+            try:
+                cfg["sampler"] = sampler_class(dataset=dataset, **options)
+            except TypeError as exc:
+                raise ConfigError(f"{name}.sampler ({sampler_class.__name__}): {exc}") from exc
     else:
         cfg["sampler"] = sampler
     cfg.setdefault("pin_memory", torch.cuda.is_available())  # with non_blocking copies: transfers overlap compute
