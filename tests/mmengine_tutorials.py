@@ -271,6 +271,51 @@ def offline_evaluation(pkg: str) -> dict:
 # -- data (tutorials/dataset.md, advanced_tutorials/basedataset.md, tutorials/model.md) ------------------------------
 
 
+def torchvision_dataset_tutorial(pkg: str, root: Path) -> dict:
+    """tutorials/dataset.md: a torchvision dataset and its transforms registered, then named in a config."""
+    import torchvision.transforms as tvt
+    from torchvision.datasets import CIFAR10
+
+    DATASETS, TRANSFORMS = lib(pkg, "registry").DATASETS, lib(pkg, "registry").TRANSFORMS
+    Compose = lib(pkg, "dataset.base_dataset").Compose
+
+    @DATASETS.register_module(name="Cifar10", force=True)
+    def build_torchvision_cifar10(transform=None, **kwargs):
+        if isinstance(transform, dict):
+            transform = [transform]
+        if isinstance(transform, (list, tuple)):
+            transform = Compose(transform)
+        return CIFAR10(**kwargs, transform=transform)
+
+    TRANSFORMS.register_module("RandomCrop", module=tvt.RandomCrop, force=True)
+    TRANSFORMS.register_module("RandomHorizontalFlip", module=tvt.RandomHorizontalFlip, force=True)
+    TRANSFORMS.register_module("ToTensor", module=tvt.ToTensor, force=True)
+    TRANSFORMS.register_module("Normalize", module=tvt.Normalize, force=True)
+    norm_cfg = dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    loader = lib(pkg, "runner").Runner.build_dataloader(
+        dict(
+            batch_size=4,
+            sampler=dict(type="DefaultSampler", shuffle=True, seed=0),
+            dataset=dict(
+                type="Cifar10",
+                root=str(root),
+                train=True,
+                download=False,
+                transform=[
+                    dict(type="RandomCrop", size=32, padding=4),
+                    dict(type="RandomHorizontalFlip"),
+                    dict(type="ToTensor"),
+                    dict(type="Normalize", **norm_cfg),
+                ],
+            ),
+            collate_fn=dict(type="default_collate"),
+        )
+    )
+    torch.manual_seed(0)
+    images, labels = next(iter(loader))
+    return {"images": images, "labels": labels, "batches": len(loader)}
+
+
 def annotation_file_tutorial(pkg: str, folder: Path) -> dict:
     BaseDataset = lib(pkg, "dataset").BaseDataset
     (folder / "annotations").mkdir(parents=True, exist_ok=True)

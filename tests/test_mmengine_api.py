@@ -490,3 +490,15 @@ def test_a_custom_sampler_from_the_registry_gets_the_dataset_and_the_seed_like_m
         built = runner_class(pkg).build_dataloader(loader, seed=5)
         orders[pkg] = (list(built.sampler), built.sampler.seed)
     assert orders["funceng"] == orders["mmengine"] == ([1, 3, 5, 7], 5)
+
+
+def test_torchvision_datasets_and_transforms_registered_and_named_in_a_config_load_like_mmengine(tmp_path, monkeypatch):
+    import torchvision
+
+    from .cifar import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path, per_train_batch=4, test_size=4)  # files made here: no checksums to match
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
+    mm, fe = (tutorials.torchvision_dataset_tutorial(pkg, tmp_path) for pkg in BOTH)
+    assert_same(mm, fe, rtol=0, atol=0)
+    assert fe["images"].shape == (4, 3, 32, 32) and fe["batches"] == 5

@@ -1,5 +1,5 @@
-"""MMEngine's ``mmengine.dataset``: `BaseDataset` (lazy ``load_data_list``, ``metainfo``, a ``pipeline`` of
-transforms), `Compose`, the collate functions and the samplers."""
+"""MMEngine's ``BaseDataset`` (lazy ``load_data_list``, ``metainfo``, a ``pipeline`` of transforms) and
+``Compose``, at MMEngine's import path (``mmengine.dataset.base_dataset``)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
 from funceng.registry import DATASETS, TRANSFORMS
-from funceng.runner.data import pseudo_collate
-from funceng.runner.sampler import DefaultSampler
-
-__all__ = ["BaseDataset", "Compose", "DefaultSampler", "default_collate", "pseudo_collate"]
 
 
 class Compose:
