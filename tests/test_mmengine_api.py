@@ -502,3 +502,29 @@ def test_torchvision_datasets_and_transforms_registered_and_named_in_a_config_lo
     mm, fe = (tutorials.torchvision_dataset_tutorial(pkg, tmp_path) for pkg in BOTH)
     assert_same(mm, fe, rtol=0, atol=0)
     assert fe["images"].shape == (4, 3, 32, 32) and fe["batches"] == 5
+
+
+def test_cfg_activation_checkpointing_recomputes_and_trains_like_mmengine_and_needs_an_eager_step(tmp_path):
+    def train(pkg, name, modules, compile=False):
+        extra = dict(compile=compile) if pkg == "funceng" else {}
+        cfg = dict(activation_checkpointing=modules) if modules else None
+        runner = runner_class(pkg)(**tutorials.regression_runner_kwargs(pkg, tmp_path / name, cfg=cfg, **extra))
+        runner.train()
+        if modules:
+            log = sorted((tmp_path / name).glob("*/*.log"))[-1].read_text()
+            assert f'Enabling the "activation_checkpointing" feature for sub-modules: {modules}' in log
+        return tutorials.weights(runner.model)
+
+    # MMEngine's reentrant checkpoint needs an input that requires grad: net.2's does, net.0's (the data) does not
+    assert_same(train("mmengine", "mm", ["net.2"]), train("funceng", "fe", ["net.2"]))
+    plain = train("funceng", "plain", None)
+    assert_same(plain, train("funceng", "eager", ["net.0", "net.2"]))  # non-reentrant: any submodule
+    assert_same(plain, train("funceng", "auto", ["net.0", "net.2"], compile="auto"))
+    compiled = tutorials.regression_runner_kwargs(
+        "funceng", tmp_path / "compiled", cfg=dict(activation_checkpointing=["net.0"]), compile=True
+    )
+    with pytest.raises(ConfigError, match="activation_checkpointing needs an eager train step"):
+        runner_class("funceng")(**compiled)
+    bad = tutorials.regression_runner_kwargs("funceng", tmp_path / "bad", cfg=dict(activation_checkpointing=["net.9"]))
+    with pytest.raises(ConfigError, match="no submodule 'net.9'"):
+        runner_class("funceng")(**bad)

@@ -21,6 +21,7 @@ from funceng.config import Config
 from funceng.errors import ConfigError, check_keys
 from funceng.model import build_model
 from funceng.runner import compat
+from funceng.runner.activation_checkpointing import apply_memory_options
 from funceng.runner.checkpointer import Checkpointer
 from funceng.runner.counters import RunnerCounters, open_message_hub
 from funceng.runner.data import build_dataloader, is_ragged
@@ -95,12 +96,14 @@ class Runner(RunnerCounters):
         self.load_from, self.resume_from = load_from, resume
         self.auto_scale_lr = dict(auto_scale_lr or {})
         check_keys("auto_scale_lr", self.auto_scale_lr, {"base_batch_size", "enable"})
-        self.train_cfg, self.compile = train_cfg, compile
+        self.train_cfg, self.compile = train_cfg, compile or self.cfg.get("compile", False)  # MMEngine reads cfg
         self.train_loop = build_train_loop(self, train_cfg, self.train_dataloader, optim_wrapper)
         self.val_loop = build_eval_loop(self, "val", val_cfg, self.val_dataloader, val_evaluator)
         self.test_loop = build_eval_loop(self, "test", test_cfg, self.test_dataloader, test_evaluator)
         self.model = wrap_model(model, model_wrapper_cfg, self.device, self.world_size)
         self.sharded = is_sharded(self.model)
+        checkpointed = apply_memory_options(self.model, self.cfg, self.compile)
+        self.compile = False if checkpointed else self.compile  # "auto" picks eager (said in the log line)
         self.hooks: list[Hook] = build_hooks(default_hooks, custom_hooks)
         if self.sharded and any(isinstance(h, EMAHook) for h in self.hooks):
             raise ConfigError("custom_hooks: EMAHook cannot evaluate an averaged copy of a sharded model")
@@ -117,6 +120,10 @@ class Runner(RunnerCounters):
         self.log_processor = build_log_processor(log_processor, self.by_epoch)
         self.scalars = Visualizer.from_cfg(self.log_dir / "vis_data", visualizer, write=self.rank == 0)
         compat.log_ignored(self.logger)
+        if checkpointed:
+            self.logger.info(
+                f'Enabling the "activation_checkpointing" feature for sub-modules: {checkpointed} (eager train step)'
+            )
         self.state: TrainState | None = None
         self.eval_params_key = "params"  # which params the eval loops use ("ema" while EMAHook validates)
         self.eval_buffers_key = "buffers"  # and which buffers ("ema_buffers" for EMAHook(update_buffers=True))
