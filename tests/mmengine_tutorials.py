@@ -238,6 +238,42 @@ def scalar_logger(pkg: str):
     return ScalarLogger
 
 
+def check_invalid_loss_hook(pkg: str):
+    """tutorials/hook.md's CheckInvalidLossHook, registered in HOOKS and named in custom_hooks."""
+    Hook, HOOKS = lib(pkg, "hooks").Hook, lib(pkg, "registry").HOOKS
+
+    @HOOKS.register_module(force=True)
+    class CheckInvalidLossHook(Hook):
+        checked: list = []
+
+        def __init__(self, interval=50):
+            self.interval = interval
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if self.every_n_train_iters(runner, self.interval):
+                assert torch.isfinite(outputs["loss"]), runner.logger.info("loss become infinite or NaN!")
+                CheckInvalidLossHook.checked.append((runner.iter, self.is_last_train_iter(runner)))
+
+    CheckInvalidLossHook.checked = []
+    return CheckInvalidLossHook
+
+
+def model_steps_tutorial(pkg: str) -> dict:
+    """tutorials/model.md: BaseModel.train_step / val_step driven by hand with an OptimWrapper."""
+    OptimWrapper = lib(pkg, "optim").OptimWrapper
+    collate = lib(pkg, "dataset").pseudo_collate
+    torch.manual_seed(0)
+    model = regression_model(pkg)()
+    optim_wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.05))
+    data = TensorData(12, 0)
+    logs = []
+    for start in range(0, 12, 4):
+        batch = collate([data[i] for i in range(start, start + 4)])
+        logs.append(model.train_step(batch, optim_wrapper))
+    predictions = model.val_step(collate([data[i] for i in range(3)]))
+    return {"weights": weights(model), "logs": logs, "predictions": predictions}
+
+
 # -- optimizer wrapper (tutorials/optim_wrapper.md) ------------------------------------------------------------------
 
 

@@ -528,3 +528,19 @@ def test_cfg_activation_checkpointing_recomputes_and_trains_like_mmengine_and_ne
     bad = tutorials.regression_runner_kwargs("funceng", tmp_path / "bad", cfg=dict(activation_checkpointing=["net.9"]))
     with pytest.raises(ConfigError, match="no submodule 'net.9'"):
         runner_class("funceng")(**bad)
+
+
+def test_the_hook_tutorials_check_invalid_loss_hook_runs_at_the_same_iterations(tmp_path):
+    checked = {}
+    for pkg in BOTH:
+        hook_class = tutorials.check_invalid_loss_hook(pkg)
+        hooks = [dict(type="CheckInvalidLossHook", interval=2)]
+        runner_class(pkg)(**tutorials.regression_runner_kwargs(pkg, tmp_path / pkg, custom_hooks=hooks)).train()
+        checked[pkg] = hook_class.checked
+    assert checked["funceng"] == checked["mmengine"] == [(1, False), (3, False), (5, True)]
+
+
+def test_model_train_step_and_val_step_by_hand_with_an_optim_wrapper_like_mmengine():
+    mm, fe = (tutorials.model_steps_tutorial(pkg) for pkg in BOTH)
+    assert_same(mm, fe, rtol=0, atol=0)
+    assert sorted(fe["logs"][0]) == ["loss"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from funceng.errors import ConfigError
+from funceng.logging import MessageHub
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, torch.float16: torch.float16}
 AMP_DTYPES[torch.bfloat16] = torch.bfloat16
@@ -80,7 +81,6 @@ class OptimWrapper:
         self._max_counts = -1
         self._bound: BoundUpdate | None = None
         self._model: nn.Module | None = None
-        self.message_hub_scalars: dict[str, float] = {}
 
     # -- what the Runner sets -----------------------------------------------------------------------------------
 
@@ -167,7 +167,7 @@ class OptimWrapper:
             torch.nn.utils.clip_grad_value_(params, **cfg)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, **cfg)
-            self.message_hub_scalars["train/grad_norm"] = float(grad_norm)
+            MessageHub.get_current_instance().update_scalar("train/grad_norm", float(grad_norm))  # as MMEngine's
 
     @contextlib.contextmanager
     def optim_context(self, model: nn.Module) -> Iterator[None]:
