@@ -544,3 +544,15 @@ def test_model_train_step_and_val_step_by_hand_with_an_optim_wrapper_like_mmengi
     mm, fe = (tutorials.model_steps_tutorial(pkg) for pkg in BOTH)
     assert_same(mm, fe, rtol=0, atol=0)
     assert sorted(fe["logs"][0]) == ["loss"]
+
+
+def test_num_batch_per_epoch_trains_on_the_first_batches_like_mmengine(tmp_path):
+    trained = {}
+    for pkg in BOTH:
+        kwargs = tutorials.regression_runner_kwargs(pkg, tmp_path / pkg)
+        kwargs["train_dataloader"] = {**kwargs["train_dataloader"], "num_batch_per_epoch": 2}
+        runner = runner_class(pkg)(**kwargs)
+        runner.train()
+        trained[pkg] = (tutorials.weights(runner.model), runner.iter)
+    assert_same(trained["mmengine"], trained["funceng"])
+    assert trained["funceng"][1] == 4  # 2 epochs of 2 batches

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.dataloader import default_collate
 
-from funceng import rng, tree
+from funceng import dist, rng, tree
 from funceng.errors import ConfigError, check_keys
 from funceng.registry import DATA_SAMPLERS, DATASETS, FUNCTIONS
 from funceng.runner.sampler import DefaultSampler, loading_options, shard_loader
@@ -70,6 +70,9 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
     if "dataset" not in cfg:
         raise ConfigError(f"{name}: missing 'dataset'")
     dataset = build_dataset(cfg.pop("dataset"), f"{name}.dataset")
+    num_batches = cfg.pop("num_batch_per_epoch", None)
+    if num_batches is not None:  # MMEngine's debugging option: the first batches of the dataset only
+        dataset = FirstSamples(dataset, num_batches * cfg.get("batch_size", 1) * dist.get_world_size())
     sampler = cfg.pop("sampler", None) or {}
     if isinstance(sampler, Mapping):
         kind = sampler.get("type", "DefaultSampler")
@@ -103,6 +106,26 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
         return DataLoader(dataset, **cfg)
     except TypeError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+class FirstSamples(torch.utils.data.Dataset):
+    """The first ``length`` samples of ``dataset``; other attributes (``metainfo``, ...) are the dataset's."""
+
+    def __init__(self, dataset: Any, length: int):
+        self.dataset, self.length = dataset, min(length, len(dataset))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "length"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} is past the first {self.length} samples (num_batch_per_epoch)")
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
