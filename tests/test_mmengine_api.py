@@ -468,6 +468,8 @@ def test_compile_true_in_a_config_compiles_the_train_step_and_trains_as_eagerly(
         assert runner.train_step.compiled is compile and runner.state["step"].item() == 3
         trained[compile] = tutorials.weights(runner.model)
     assert_same(trained[False], trained[True])
+    as_in_mmengine_docs = tutorials.regression_runner_kwargs("funceng", tmp_path / "cfg", cfg=dict(compile=True))
+    assert Runner(**as_in_mmengine_docs).compile is True  # speed_up_training.md: Runner(..., cfg=dict(compile=True))
 
 
 def test_a_custom_sampler_from_the_registry_gets_the_dataset_and_the_seed_like_mmengine(tmp_path):
