@@ -78,6 +78,9 @@ class WrapperOptimizer:
                     self.labels[by_id[id(p)]] = label
                 self.groups[wname].append((label, {k: v for k, v in group.items() if k != "params"}, lr))
         self.tx = optim.partition(self.transforms, self.labels)
+        self.names_by_label = {
+            label: [n for n, lab in self.labels.items() if lab == label] for label in self.transforms
+        }
 
     def unoptimized(self) -> tuple[str, ...]:
         return tuple(name for name, label in self.labels.items() if label == "unoptimized")
@@ -100,16 +103,16 @@ class WrapperOptimizer:
         return self.wrappers[""] if "" in self.wrappers else OptimWrapperDict(**self.wrappers)
 
     def _update(self, state: Any, grads: dict[str, torch.Tensor], labels: list[str]) -> None:
-        template, leaves = tree.flatten(state)
-        s = tree.unflattener(template)(leaves)
+        """Applies each label's transform to its parameters' gradients, writing into ``state`` in place."""
         with torch.no_grad():
             for label in labels:
-                names = [n for n, lab in self.labels.items() if lab == label and n in grads]
+                names = [n for n in self.names_by_label[label] if n in grads]
                 if not names:
                     continue
-                params = {n: s["params"][n] for n in names}
-                sub_grads = {n: grads[n] for n in names}
-                updates = optim.update_in_place(self.transforms[label], sub_grads, s["opt_state"][label], params)
+                params = {n: state["params"][n] for n in names}
+                template, leaves = tree.flatten(state["opt_state"][label])
+                opt_state = tree.unflattener(template)(leaves)
+                updates = optim.update_in_place(self.transforms[label], {n: grads[n] for n in names}, opt_state, params)
                 optim.apply_updates(params, updates)
 
     def _lrs(self, runner: Any, wname: str) -> list[float]:

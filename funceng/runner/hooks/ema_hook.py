@@ -47,6 +47,7 @@ class EMAHook(Hook):
             raise ConfigError(f"EMAHook.interval must be >= 1, got {interval}")
         self.ema_type, self.begin_iter, self.begin_epoch = ema_type, begin_iter, begin_epoch
         self.momentum, self.gamma, self.interval, self.update_buffers = momentum, gamma, interval, update_buffers
+        self._steps: int | None = None
 
     def extra_state(self, params, buffers=None):
         extra = {"ema": _clone(params), "ema_steps": torch.zeros((), dtype=torch.int64)}
@@ -63,10 +64,15 @@ class EMAHook(Hook):
             source += [state["buffers"][k] for k in names]
         return averaged, source
 
+    def before_train(self, runner):
+        self._steps = None  # read from the state (restored by a resume) once, then counted here: no host sync
+
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         steps_tensor = runner.state["ema_steps"]
         started = runner.epoch + 1 >= self.begin_epoch and runner.iter + 1 >= self.begin_iter
-        steps = int(steps_tensor)
+        if self._steps is None:
+            self._steps = int(steps_tensor)
+        steps = self._steps
         if not started or steps == 0:
             torch._foreach_copy_(*self._pairs(runner, floating_only=False))
         elif steps % self.interval == 0:
@@ -82,6 +88,7 @@ class EMAHook(Hook):
                 torch._foreach_lerp_(averaged, source, momentum)
         if started:
             steps_tensor.add_(1)
+            self._steps += 1
 
     def before_val_epoch(self, runner):
         runner.eval_params_key = "ema"
