@@ -24,8 +24,12 @@ from torch import nn
 from funceng.errors import ConfigError
 from funceng.logging import MessageHub
 
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, torch.float16: torch.float16}
-AMP_DTYPES[torch.bfloat16] = torch.bfloat16
+AMP_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    torch.float16: torch.float16,
+    torch.bfloat16: torch.bfloat16,
+}
 
 
 class BoundUpdate:
