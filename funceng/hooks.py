@@ -20,6 +20,7 @@ from funceng.runner.hooks import (
     LoggerHook,
     SyncBuffersHook,
 )
+from funceng.runner.hooks.hook import BUILT_IN_DEFAULT_HOOKS
 
 __all__ = [
     "CheckpointHook",
@@ -75,16 +76,9 @@ class _BuiltIntoLoops(Hook):
         compat.ignored(f"default_hooks.{self.key}")
 
 
-BUILT_INTO_LOOPS = {  # MMEngine's default hook -> its key in default_hooks
-    "IterTimerHook": "timer",
-    "RuntimeInfoHook": "runtime_info",
-    "ParamSchedulerHook": "param_scheduler",
-    "DistSamplerSeedHook": "sampler_seed",
-    "NaiveVisualizationHook": "visualization",
-}
-for _name, _key in BUILT_INTO_LOOPS.items():
+for _key, _name in BUILT_IN_DEFAULT_HOOKS.items():
     globals()[_name] = HOOKS.register(type(_name, (_BuiltIntoLoops,), {"key": _key, "__module__": __name__}))
-__all__ += list(BUILT_INTO_LOOPS)
+__all__ += list(BUILT_IN_DEFAULT_HOOKS.values())
 
 
 @HOOKS.register

@@ -106,7 +106,13 @@ class Hook:
 
 DEFAULT_HOOKS = {"logger": "LoggerHook", "checkpoint": "CheckpointHook"}  # registered by their modules
 DEFAULT_HOOK_CONFIGS = {"logger": {}, "checkpoint": {"interval": 1}}
-BUILT_IN_DEFAULT_HOOKS = ("timer", "runtime_info", "param_scheduler", "sampler_seed", "visualization")
+BUILT_IN_DEFAULT_HOOKS = {  # MMEngine's other default hooks, whose work the loops do: key -> MMEngine's class name
+    "timer": "IterTimerHook",
+    "runtime_info": "RuntimeInfoHook",
+    "param_scheduler": "ParamSchedulerHook",
+    "sampler_seed": "DistSamplerSeedHook",
+    "visualization": "NaiveVisualizationHook",
+}
 
 
 def build_hooks(default_hooks: Mapping[str, Any] | None, custom_hooks: Sequence[Any] | None) -> list[Hook]:
