@@ -28,6 +28,12 @@ class RunnerCounters:
             {"epoch": self.epoch, "iter": self.iter, "max_epochs": self.max_epochs, "max_iters": self.max_iters}
         )
 
+    def lr_step(self) -> int:
+        """The state step whose learning rate is the current one: the next step's, or while ``after_*`` train hooks
+        run, the one just trained with (as MMEngine's ``get_lr()`` reads before its scheduler hook steps)."""
+        lag = self.train_loop.hook_lag
+        return max(int(self.state["step"]) - (1 if lag["iter"] or lag["epoch"] else 0), 0)
+
     @property
     def by_epoch(self) -> bool:
         return self.train_loop.by_epoch if self.train_loop is not None else True

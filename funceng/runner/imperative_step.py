@@ -116,9 +116,8 @@ class WrapperOptimizer:
                 optim.apply_updates(params, updates)
 
     def _lrs(self, runner: Any, wname: str) -> list[float]:
-        lag = runner.train_loop.hook_lag  # while after_* hooks run: the lr just trained with
-        steps = max(int(runner.state["step"]) - (1 if lag["iter"] or lag["epoch"] else 0), 0)
-        return [float(lr(steps)) if callable(lr) else float(lr) for _, _, lr in self.groups[wname]]
+        step = runner.lr_step()
+        return [float(lr(step)) if callable(lr) else float(lr) for _, _, lr in self.groups[wname]]
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer, group: Mapping, factory: Callable, where: str) -> dict:

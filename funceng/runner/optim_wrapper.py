@@ -169,10 +169,8 @@ def config_facade(runner: Any, cfg: Mapping[str, Any], schedule: Callable | None
             "yourself, override BaseModel.train_step(data, optim_wrapper)"
         )
 
-    def lrs() -> list[float]:  # the current iteration's: while after_* hooks run, the one just trained with
-        lag = runner.train_loop.hook_lag
-        step = int(runner.state["step"]) - (1 if lag["iter"] or lag["epoch"] else 0)
-        return [float(schedule(max(step, 0))) if schedule is not None else float(base_lr)]
+    def lrs() -> list[float]:
+        return [float(schedule(runner.lr_step())) if schedule is not None else float(base_lr)]
 
     group = {k: v for k, v in (cfg.get("optimizer") or {}).items() if k != "type"}
     facade = OptimWrapper(accumulative_counts=int(cfg.get("accumulative_counts", 1)))
