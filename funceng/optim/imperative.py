@@ -84,7 +84,7 @@ class OptimWrapper:
         self._inner_count = 0
         self._max_counts = -1
         self._bound: BoundUpdate | None = None
-        self._model: nn.Module | None = None
+        self._bound_params: list[nn.Parameter] = []
 
     # -- what the Runner sets -----------------------------------------------------------------------------------
 
@@ -96,7 +96,9 @@ class OptimWrapper:
                 "live outside the state. Use dtype='bfloat16' (no loss scaling), or the default train_step with "
                 "optim_wrapper=dict(type='AmpOptimWrapper', dtype='float16', optimizer=...) (scaling in the state)"
             )
-        self._model, self._bound = model, bound
+        self._bound = bound
+        named = dict(model.named_parameters())  # the same Parameter objects for the whole run (binding sets .data)
+        self._bound_params = [named[n] for n in bound.names]
 
     def initialize_count_status(self, model: nn.Module, init_counts: int, max_counts: int) -> None:
         self._inner_count, self._max_counts = init_counts, max_counts
@@ -113,8 +115,7 @@ class OptimWrapper:
 
     def _params(self) -> list[nn.Parameter]:
         if self._bound is not None:
-            named = dict(self._model.named_parameters())
-            return [named[n] for n in self._bound.names]
+            return self._bound_params
         return [p for g in self._optimizer.param_groups for p in g["params"]]
 
     def update_params(self, loss: torch.Tensor, step_kwargs: dict | None = None, zero_kwargs: dict | None = None):
@@ -148,11 +149,9 @@ class OptimWrapper:
         if self._bound is None:
             self._optimizer.step(**kwargs)
             return
-        named = dict(self._model.named_parameters())
         grads = {}
-        for name in self._bound.names:
-            grad = named[name].grad
-            grads[name] = torch.zeros_like(named[name]) if grad is None else grad
+        for name, param in zip(self._bound.names, self._bound_params):
+            grads[name] = torch.zeros_like(param) if param.grad is None else param.grad
         self._bound.update(grads)
 
     def zero_grad(self, **kwargs: Any) -> None:

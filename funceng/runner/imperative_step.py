@@ -87,9 +87,9 @@ class WrapperOptimizer:
 
     def bind(self, runner: Any) -> Any:
         """Binds every wrapper to ``runner``'s state; returns what the model's ``train_step`` receives."""
+        trainable = set(trainable_names(runner.model))  # the state has optimizer state for these only
         for wname, wrapper in self.wrappers.items():
             labels = [label for label, _, _ in self.groups[wname]]
-            trainable = set(trainable_names(runner.model))  # the state has optimizer state for these only
             names = [n for n, label in self.labels.items() if label in labels and n in trainable]
             wrapper.bind(
                 runner.model,
