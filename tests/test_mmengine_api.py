@@ -558,3 +558,36 @@ def test_num_batch_per_epoch_trains_on_the_first_batches_like_mmengine(tmp_path)
         trained[pkg] = (tutorials.weights(runner.model), runner.iter)
     assert_same(trained["mmengine"], trained["funceng"])
     assert trained["funceng"][1] == 4  # 2 epochs of 2 batches
+
+
+def _frozen_accumulating_run(pkg, work_dir, wrapper_type="OptimWrapper", max_epochs=2, resume=False, **wrapper_kw):
+    """An overridable-step run with optimizer wrapper objects, a frozen first layer and accumulation over 3."""
+    torch.manual_seed(0)
+    model = tutorials.regression_model(pkg)()
+    model.net[0].requires_grad_(False)
+    initial = tutorials.weights(model)
+    wrapper_class = getattr(import_module(f"{pkg}.optim"), wrapper_type)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    wrapper = wrapper_class(optimizer=sgd, accumulative_counts=3, **wrapper_kw)
+    train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=1)
+    kwargs = tutorials.regression_runner_kwargs(
+        pkg, work_dir, model=model, optim_wrapper=wrapper, train_cfg=train_cfg, resume=resume
+    )
+    runner = runner_class(pkg)(**kwargs)
+    runner.train()
+    return tutorials.weights(runner.model), initial
+
+
+def test_wrapper_objects_compose_with_freezing_accumulation_and_resume_like_mmengine(tmp_path):
+    (mm, mm_initial), (fe, fe_initial) = (_frozen_accumulating_run(pkg, tmp_path / pkg) for pkg in BOTH)
+    assert_same(mm, fe)
+    for name in ("net.0.weight", "net.0.bias"):  # frozen: bit for bit, weight decay and momentum included
+        assert torch.equal(fe[name], fe_initial[name]) and torch.equal(mm[name], mm_initial[name])
+    assert not torch.equal(fe["net.2.weight"], fe_initial["net.2.weight"])
+    _frozen_accumulating_run("funceng", tmp_path / "stopped", max_epochs=1)  # 3 iterations: one whole window
+    resumed, _ = _frozen_accumulating_run("funceng", tmp_path / "stopped", resume=True)
+    assert_same(fe, resumed, rtol=0, atol=0)
+    bf16, initial = _frozen_accumulating_run("funceng", tmp_path / "bf16", "AmpOptimWrapper", dtype="bfloat16")
+    assert torch.equal(bf16["net.0.weight"], initial["net.0.weight"])
+    assert not torch.equal(bf16["net.2.weight"], fe["net.2.weight"])  # the forward pass ran in bfloat16 ...
+    assert_same(fe, bf16, rtol=0.1, atol=0.05)  # ... so it trains close to float32, not equal
