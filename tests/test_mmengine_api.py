@@ -591,3 +591,42 @@ def test_wrapper_objects_compose_with_freezing_accumulation_and_resume_like_mmen
     assert torch.equal(bf16["net.0.weight"], initial["net.0.weight"])
     assert not torch.equal(bf16["net.2.weight"], fe["net.2.weight"])  # the forward pass ran in bfloat16 ...
     assert_same(fe, bf16, rtol=0.1, atol=0.05)  # ... so it trains close to float32, not equal
+
+
+def test_pseudo_collated_images_through_img_data_preprocessor_train_the_same_eager_and_compiled(tmp_path, fresh_dynamo):
+    from funceng.model import BaseModel
+    from funceng.runner import Runner
+
+    class Net(BaseModel):
+        def __init__(self):
+            super().__init__(data_preprocessor=dict(type="ImgDataPreprocessor", mean=[127.5], std=[127.5]))
+            self.fc = torch.nn.Linear(16, 2)
+
+        def forward(self, inputs, data_samples=None, mode="tensor"):
+            out = self.fc(inputs.flatten(1))
+            return (
+                dict(loss=torch.nn.functional.cross_entropy(out, torch.stack(data_samples))) if mode == "loss" else out
+            )
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 1, 4, 4), generator=g, dtype=torch.uint8)
+    samples = [dict(inputs=image, data_samples=torch.tensor(i % 2)) for i, image in enumerate(images)]
+    trained = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        loader = dict(
+            dataset=samples, batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False)
+        )  # pseudo_collate
+        runner = Runner(
+            Net(),
+            work_dir=str(tmp_path / str(compile)),
+            train_dataloader=loader,
+            train_cfg=dict(by_epoch=True, max_epochs=2),
+            optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+            compile=compile,
+        )
+        runner.train()
+        assert runner.train_step.compiled is compile
+        trained[compile] = tutorials.weights(runner.model)
+    assert_same(trained[False], trained[True])
+    assert not torch.equal(trained[True]["fc.weight"], Net().fc.weight)
