@@ -604,9 +604,9 @@ def test_pseudo_collated_images_through_img_data_preprocessor_train_the_same_eag
 
         def forward(self, inputs, data_samples=None, mode="tensor"):
             out = self.fc(inputs.flatten(1))
-            return (
-                dict(loss=torch.nn.functional.cross_entropy(out, torch.stack(data_samples))) if mode == "loss" else out
-            )
+            if mode == "loss":
+                return dict(loss=torch.nn.functional.cross_entropy(out, torch.stack(data_samples)))
+            return out
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 1, 4, 4), generator=g, dtype=torch.uint8)
@@ -614,11 +614,11 @@ def test_pseudo_collated_images_through_img_data_preprocessor_train_the_same_eag
     trained = {}
     for compile in (False, True):
         torch.manual_seed(0)
-        loader = dict(
-            dataset=samples, batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False)
-        )  # pseudo_collate
+        model = Net()
+        initial = model.fc.weight.detach().clone()
+        loader = dict(dataset=samples, batch_size=4, sampler=dict(type="DefaultSampler", shuffle=False))  # lists
         runner = Runner(
-            Net(),
+            model,
             work_dir=str(tmp_path / str(compile)),
             train_dataloader=loader,
             train_cfg=dict(by_epoch=True, max_epochs=2),
@@ -629,4 +629,4 @@ def test_pseudo_collated_images_through_img_data_preprocessor_train_the_same_eag
         assert runner.train_step.compiled is compile
         trained[compile] = tutorials.weights(runner.model)
     assert_same(trained[False], trained[True])
-    assert not torch.equal(trained[True]["fc.weight"], Net().fc.weight)
+    assert not torch.equal(trained[True]["fc.weight"], initial)
