@@ -196,7 +196,26 @@ class Config:
         object.__setattr__(self, "filename", str(filename) if filename is not None else None)
 
     @staticmethod
-    def fromfile(filename: str | Path, **ignored: Any) -> Config:
+    def fromfile(
+        filename: str | Path,
+        use_predefined_variables: bool = True,
+        import_custom_modules: bool = True,
+        use_environment_variables: bool = True,
+        lazy_import: bool | None = None,
+    ) -> Config:
+        """MMEngine's options are accepted at the values funceng always uses, and refused otherwise."""
+        given = dict(
+            use_predefined_variables=use_predefined_variables,
+            import_custom_modules=import_custom_modules,
+            use_environment_variables=use_environment_variables,
+        )
+        for option, value in {**given, "lazy_import": not lazy_import}.items():
+            if not value:
+                raise ConfigError(
+                    f"Config.fromfile({option}={lazy_import if option == 'lazy_import' else value}) is not supported: "
+                    "funceng always substitutes predefined and environment variables, imports custom_imports, and "
+                    "reads configs eagerly"
+                )
         path = Path(filename).resolve()
         return Config(_read(path, ()), filename=path)
 

@@ -99,7 +99,8 @@ class MessageHub:
 
 class MMLogger:
     """``MMLogger.get_current_instance()``: the current run's logger (a ``logging.Logger``), or the ``funceng``
-    logger outside a run; ``get_instance(name)``: a standard logger of that name."""
+    logger outside a run; ``get_instance(name, log_file=, log_level=, file_mode=)``: a standard logger of that name,
+    with those applied (any other option is refused)."""
 
     _current: ClassVar[_std_logging.Logger | None] = None
 
@@ -108,8 +109,18 @@ class MMLogger:
         return cls._current or _std_logging.getLogger("funceng")
 
     @classmethod
-    def get_instance(cls, name: str, **kwargs: Any) -> _std_logging.Logger:
-        return _std_logging.getLogger(name)
+    def get_instance(
+        cls, name: str, log_file: str | None = None, log_level: str | int = "INFO", file_mode: str = "w", **other: Any
+    ) -> _std_logging.Logger:
+        if other:
+            raise TypeError(
+                f"MMLogger.get_instance: {sorted(other)} are not supported (log_file, log_level, file_mode)"
+            )
+        logger = _std_logging.getLogger(name)
+        logger.setLevel(log_level)
+        if log_file is not None:
+            logger.addHandler(_std_logging.FileHandler(log_file, mode=file_mode))
+        return logger
 
 
 def print_log(msg: str, logger: Any = None, level: int = _std_logging.INFO) -> None:

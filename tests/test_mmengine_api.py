@@ -4,6 +4,7 @@ through funceng, with only the package name changed, and gives the same results.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from importlib import import_module
 from pathlib import Path
@@ -284,6 +285,27 @@ def test_print_log_and_mmlogger_write_to_the_current_run_log(tmp_path):
     runner.close()
     log = sorted(tmp_path.glob("*/*.log"))[-1].read_text()
     assert "INFO - a line from a script" in log and "WARNING - a warning from a hook" in log
+    own = MMLogger.get_instance("my_tool", log_file=str(tmp_path / "tool.log"), log_level="WARNING")
+    print_log("not written", logger="my_tool")
+    print_log("written", logger=own, level=logging.WARNING)
+    assert (tmp_path / "tool.log").read_text() == "written\n"
+    with pytest.raises(TypeError, match="distributed"):
+        MMLogger.get_instance("my_tool", distributed=True)
+
+
+def test_mmengine_options_funceng_does_not_apply_are_refused_not_ignored(tmp_path):
+    from funceng.config import Config
+    from funceng.runner import Runner
+
+    (tmp_path / "cfg.py").write_text("a = 1\n")
+    assert Config.fromfile(tmp_path / "cfg.py", lazy_import=False).a == 1
+    for option in ("use_predefined_variables", "import_custom_modules", "use_environment_variables"):
+        with pytest.raises(ConfigError, match=f"{option}=False"):
+            Config.fromfile(tmp_path / "cfg.py", **{option: False})
+    with pytest.raises(ConfigError, match="lazy_import=True"):
+        Config.fromfile(tmp_path / "cfg.py", lazy_import=True)
+    with pytest.raises(ConfigError, match="diff_rank_seed=True"):
+        Runner.build_dataloader(dict(dataset=[1, 2], batch_size=1), diff_rank_seed=True)
 
 
 def test_hooks_run_in_mmengine_priority_order(tmp_path):
