@@ -62,6 +62,8 @@ class MessageHub:
 
     @classmethod
     def get_instance(cls, name: str = "funceng", **kwargs: Any) -> MessageHub:
+        if kwargs:
+            raise TypeError(f"MessageHub.get_instance: {sorted(kwargs)} are not supported (only the name)")
         if name not in cls._instances:
             cls._instances[name] = cls(name)
         cls._current = name

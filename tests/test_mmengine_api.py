@@ -306,6 +306,17 @@ def test_mmengine_options_funceng_does_not_apply_are_refused_not_ignored(tmp_pat
         Config.fromfile(tmp_path / "cfg.py", lazy_import=True)
     with pytest.raises(ConfigError, match="diff_rank_seed=True"):
         Runner.build_dataloader(dict(dataset=[1, 2], batch_size=1), diff_rank_seed=True)
+    from funceng.logging import MessageHub
+
+    with pytest.raises(TypeError, match="resumed_keys"):
+        MessageHub.get_instance("hub", resumed_keys={})
+    torch.manual_seed(0)
+    model = tutorials.regression_model("funceng")()
+    wrapper = import_module("funceng.optim").OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    runner = Runner(**tutorials.regression_runner_kwargs("funceng", tmp_path, model=model, optim_wrapper=wrapper))
+    runner.train()
+    with pytest.raises(TypeError, match=r"step\(closure=...\)"):
+        runner.optim_wrapper.step(closure=lambda: None)
 
 
 def test_hooks_run_in_mmengine_priority_order(tmp_path):

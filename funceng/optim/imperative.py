@@ -149,6 +149,8 @@ class OptimWrapper:
         if self._bound is None:
             self._optimizer.step(**kwargs)
             return
+        if kwargs:
+            raise TypeError(f"optim_wrapper.step({', '.join(kwargs)}=...): a funceng state's update takes no arguments")
         grads = {}
         for name, param in zip(self._bound.names, self._bound_params):
             grads[name] = torch.zeros_like(param) if param.grad is None else param.grad
