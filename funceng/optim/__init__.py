@@ -2,6 +2,7 @@
 MMEngine code, its imperative optimizer wrappers (`OptimWrapper`, ...; `funceng.optim.imperative`) and
 ``build_optim_wrapper`` / ``DefaultOptimWrapperConstructor`` (`funceng.optim.constructors`)."""
 
+from funceng.optim.adaptive import adadelta, adafactor, adagrad, adamax, nadam, radam, rmsprop
 from funceng.optim.alias import adam, adamw, sgd
 from funceng.optim.base import (
     GradientTransformation,
@@ -14,12 +15,15 @@ from funceng.optim.base import (
     identity,
     update_in_place,
 )
+from funceng.optim.classic import asgd, rprop
 from funceng.optim.constructors import DefaultOptimWrapperConstructor, MultiOptimWrapperConstructor, build_optim_wrapper
+from funceng.optim.hyperparams import inject_hyperparams
 from funceng.optim.imperative import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
 from funceng.optim.transforms import (
     add_decayed_weights,
     clip_by_global_norm,
     clip_by_value,
+    negate,
     scale_by_adam,
     scale_by_learning_rate,
     set_to_zero,
@@ -38,18 +42,29 @@ __all__ = [
     "Params",
     "Updates",
     "accumulate",
+    "adadelta",
+    "adafactor",
+    "adagrad",
     "adam",
+    "adamax",
     "adamw",
     "add_decayed_weights",
     "apply_if",
     "apply_updates",
+    "asgd",
     "build_optim_wrapper",
     "chain",
     "clip_by_global_norm",
     "clip_by_value",
     "freeze",
     "identity",
+    "inject_hyperparams",
     "masked",
+    "nadam",
+    "negate",
+    "radam",
+    "rmsprop",
+    "rprop",
     "partition",
     "scale_by_adam",
     "scale_by_learning_rate",

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from funceng import dist
+from funceng.optim import arith
 from funceng.optim.base import (
     GradientTransformation,
     OptState,
@@ -23,27 +24,27 @@ Schedule = Callable[[Tensor], Tensor]
 ScalarOrSchedule = float | Schedule
 
 
-def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | Tensor) -> GradientTransformation:
     """``u <- u + weight_decay * p`` (L2 regularisation as ``torch.optim``'s ``weight_decay``)."""
 
     def init(params: Params) -> OptState:
         return {}
 
     def update(updates: Updates, state: OptState, params: Params):
-        if weight_decay and updates:
-            torch._foreach_add_(values(updates), [params[n] for n in updates], alpha=weight_decay)
+        if arith.is_set(weight_decay) and updates:
+            arith.add_(values(updates), [params[n] for n in updates], weight_decay)
         return updates, state
 
     return GradientTransformation(init, update)
 
 
-def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
+def trace(momentum: float | Tensor, dampening: float = 0.0, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum as in ``torch.optim.SGD``.
 
     ``b <- momentum * b + (1 - dampening) * u`` (``b <- u`` on the first step), then ``u <- u + momentum * b``
     with Nesterov, else ``u <- b``.
     """
-    if nesterov and (momentum <= 0 or dampening != 0):
+    if nesterov and ((not isinstance(momentum, Tensor) and momentum <= 0) or dampening != 0):
         raise ValueError("Nesterov momentum requires momentum > 0 and dampening == 0")
 
     def init(params: Params) -> OptState:
@@ -64,28 +65,34 @@ def trace(momentum: float, dampening: float = 0.0, nesterov: bool = False) -> Gr
         if nesterov:  # u + momentum * b needs u after b is updated
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(grads, bufs, alpha=momentum)
+            arith.add_(grads, bufs, momentum)
         else:  # b <- momentum * b + u, computed in the gradients' storage: two passes over memory, not three
-            torch._foreach_add_(grads, bufs, alpha=momentum)
+            arith.add_(grads, bufs, momentum)
             torch._foreach_copy_(bufs, grads)
         return updates, state
 
     return GradientTransformation(init, update)
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+def scale_by_adam(
+    b1: float | Tensor = 0.9, b2: float | Tensor = 0.999, eps: float = 1e-8, amsgrad: bool = False
+) -> GradientTransformation:
     """Adam's moment estimates, as ``torch.optim.Adam``.
 
     ``m <- b1 m + (1-b1) u``, ``v <- b2 v + (1-b2) u^2``, ``t <- t + 1``,
-    ``u <- (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+    ``u <- (m / (1 - b1^t)) / (sqrt(v') / sqrt(1 - b2^t) + eps)`` with ``v' = v``, or with ``amsgrad`` the
+    running maximum ``v' <- max(v', v)``.
     """
 
     def init(params: Params) -> OptState:
-        return {
+        state = {
             "count": scalar(0, first_param(params), torch.int64),
             "exp_avg": zeros_like(params),
             "exp_avg_sq": zeros_like(params),
         }
+        if amsgrad:
+            state["max_exp_avg_sq"] = zeros_like(params)
+        return state
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         if not updates:
@@ -93,12 +100,15 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         count = state["count"]
         count.add_(1)
         grads, mu, nu = values(updates), values(state["exp_avg"]), values(state["exp_avg_sq"])
-        torch._foreach_lerp_(mu, grads, 1 - b1)
+        arith.lerp_(mu, grads, 1 - b1)
         torch._foreach_mul_(nu, b2)
-        torch._foreach_addcmul_(nu, grads, grads, value=1 - b2)
+        arith.addcmul_(nu, grads, grads, 1 - b2)
         t = count.to(torch.float64)
         bias_correction1 = 1 - torch.pow(b1, t)
         bias_correction2_sqrt = torch.sqrt(1 - torch.pow(b2, t))
+        if amsgrad:
+            torch._foreach_maximum_(values(state["max_exp_avg_sq"]), nu)
+            nu = values(state["max_exp_avg_sq"])
         denom = torch._foreach_sqrt(nu)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -118,6 +128,8 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
     Either way a new value never triggers a recompilation.
     """
     is_schedule = callable(learning_rate)
+    if isinstance(learning_rate, Tensor):  # held by the caller's state (`funceng.optim.inject_hyperparams`)
+        return _scale_by_tensor(learning_rate)
 
     def init(params: Params) -> OptState:
         like = first_param(params)
@@ -136,6 +148,15 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule) -> GradientTransform
         return updates, state
 
     return GradientTransformation(init, update)
+
+
+def _scale_by_tensor(lr: Tensor) -> GradientTransformation:
+    def update(updates: Updates, state: OptState, params: Params | None = None):
+        if updates:
+            torch._foreach_mul_(values(updates), -lr)
+        return updates, state
+
+    return GradientTransformation(lambda params: {}, update)
 
 
 def clip_by_global_norm(max_norm: float, eps: float = 1e-6, across_ranks: bool = False) -> GradientTransformation:
@@ -177,6 +198,17 @@ def clip_by_value(clip_value: float) -> GradientTransformation:
         return updates, state
 
     return GradientTransformation(init, update)
+
+
+def negate() -> GradientTransformation:
+    """``u <- -u``: ascend instead of descend (``torch.optim``'s ``maximize=True``)."""
+
+    def update(updates: Updates, state: OptState, params: Params | None = None):
+        if updates:
+            torch._foreach_neg_(values(updates))
+        return updates, state
+
+    return GradientTransformation(lambda params: {}, update)
 
 
 def set_to_zero() -> GradientTransformation:

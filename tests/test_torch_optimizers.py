@@ -1,0 +1,84 @@
+"""Every funceng optimizer against ``torch.optim`` on torch's own optimizer test database
+(``torch.testing._internal.common_optimizers.optim_db``): every CPU configuration of every optimizer funceng
+implements, in float64, for 30 steps with the learning rate changing at every step (written into the state, as
+a schedule does). Parameters must agree to 1e-12 after every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing._internal import common_optimizers  # noqa: E402 (needs expecttest, a dev dependency)
+
+from funceng import optim
+from funceng.optim.hyperparams import inject_hyperparams
+
+FACTORIES = {
+    "SGD": optim.sgd,
+    "Adam": optim.adam,
+    "AdamW": optim.adamw,
+    "Adagrad": optim.adagrad,
+    "RMSprop": optim.rmsprop,
+    "Adadelta": optim.adadelta,
+    "Adamax": optim.adamax,
+    "NAdam": optim.nadam,
+    "RAdam": optim.radam,
+    "Rprop": optim.rprop,
+    "ASGD": optim.asgd,
+    "Adafactor": optim.adafactor,
+}
+STEPS = 30
+
+
+def _cases():
+    for info in common_optimizers.optim_db:
+        name = info.optim_cls.__name__
+        if name not in FACTORIES:
+            continue
+        for case in info.optim_inputs_func("cpu", torch.float64):
+            yield pytest.param(name, case.kwargs, id=f"{name}-{case.desc}")
+
+
+def test_every_torch_optimizer_that_takes_a_gradient_is_covered():
+    in_db = {info.optim_cls.__name__ for info in common_optimizers.optim_db}
+    assert in_db - set(FACTORIES) == {"LBFGS", "SparseAdam", "Muon"}
+
+
+@pytest.mark.parametrize("name, kwargs", list(_cases()))
+def test_optimizer_matches_torch_optim_on_its_test_database(name, kwargs):
+    torch.manual_seed(0)
+    shapes = {"weight": (4, 3), "bias": (4,), "scale": (1,)}
+    start = {n: torch.randn(s, dtype=torch.float64) for n, s in shapes.items()}
+    reference = {n: t.clone().requires_grad_(True) for n, t in start.items()}
+    torch_kwargs = dict(kwargs)
+    base_lr = float(kwargs["lr"]) if "lr" in kwargs else _default_lr(name)
+    torch_opt = getattr(torch.optim, name)(list(reference.values()), **torch_kwargs)
+
+    ours = {n: t.clone() for n, t in start.items()}
+    our_kwargs = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    tx = inject_hyperparams(FACTORIES[name], ["lr"])(**{**our_kwargs, "lr": base_lr})
+    state = tx.init(ours)
+
+    for step in range(STEPS):
+        lr = base_lr * (0.9**step) * (1.5 if step % 3 == 0 else 1.0)  # changes at every step, not monotonic
+        grads = {n: torch.randn(s, dtype=torch.float64) for n, s in shapes.items()}
+        for group in torch_opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):  # a float32 tensor in the database: its rounded value
+                group["lr"].fill_(lr)
+                lr = group["lr"].item()
+            else:
+                group["lr"] = lr
+        for n, p in reference.items():
+            p.grad = grads[n].clone()
+        torch_opt.step()
+
+        state["hyperparams"]["lr"].fill_(lr)
+        updates, state = tx.update({n: g.clone() for n, g in grads.items()}, state, ours)
+        ours = optim.apply_updates(ours, updates)
+        for n in shapes:
+            torch.testing.assert_close(ours[n], reference[n].detach(), rtol=1e-12, atol=1e-12, msg=f"{n}, step {step}")
+
+
+def _default_lr(name: str) -> float:
+    import inspect
+
+    return inspect.signature(getattr(torch.optim, name).__init__).parameters["lr"].default
