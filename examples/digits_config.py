@@ -1,6 +1,6 @@
 """The digits demo as an MMEngine-style config file:
 
-funceng train examples/digits_config.py [--cfg-options train_cfg.max_epochs=5]
+funceng train examples/digits_config.py [--cfg-options max_epochs=5]
 funceng test examples/digits_config.py --checkpoint work_dirs/digits_config/epoch_15
 """
 

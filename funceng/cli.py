@@ -50,17 +50,20 @@ def inspect_checkpoint(path: str, out=None) -> int:
 
 
 def _runner(args: argparse.Namespace, **overrides):
-    from funceng.config import apply_cfg_options, load_config
+    from funceng.config import Config, apply_cfg_options, load_config, split_variable_options
     from funceng.runner import Runner
 
     cfg = load_config(args.config)
     runner_args = set(inspect.signature(Runner.__init__).parameters) - {"self"}
-    apply_cfg_options(cfg, args.cfg_options or [], new_top_level=runner_args)
+    variables, options = split_variable_options(cfg, args.cfg_options or [], runner_args)
+    if variables:  # re-read, so that every entry computed from a variable sees its new value
+        cfg = load_config(args.config, variables)
+    apply_cfg_options(cfg, options, new_top_level=runner_args)
     cfg["work_dir"] = args.work_dir or cfg.get("work_dir") or str(Path("work_dirs") / Path(args.config).stem)
     if args.launcher:
         cfg["launcher"] = args.launcher
     cfg.update(overrides)
-    return Runner.from_cfg(cfg)
+    return Runner.from_cfg(Config(cfg, filename=Path(args.config).resolve()))
 
 
 def train(args: argparse.Namespace) -> int:

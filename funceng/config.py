@@ -3,7 +3,6 @@ MMEngine's `Config` over them (``_base_`` inheritance, attribute access, ``merge
 
 from __future__ import annotations
 
-import argparse
 import ast
 import copy
 import importlib
@@ -17,16 +16,39 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from funceng.errors import ConfigError
+from funceng.errors import ConfigError, did_you_mean
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
+def load_config(path: str | Path, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The top-level variables of the config file ``path`` (modules and ``_private`` names left out), merged
     over those of its ``_base_`` files (see `Config`).
 
     A Python file runs with its own folder on ``sys.path``, so it may import the model and metric it names.
+    ``variables``: new values for top-level variables, substituted where the files assign them, so that every
+    entry computed from one (``train_cfg = dict(max_epochs=max_epochs)``) sees the new value; a variable that no
+    file assigns is an error naming the closest one.
     """
-    return Config.fromfile(path).to_dict()
+    variables = dict(variables or {})
+    assigned: set[str] = set()
+    cfg = _read(Path(path).resolve(), (), variables, assigned)
+    missing = set(variables) - assigned
+    for name in sorted(missing):
+        raise ConfigError(f"config {path}: no top-level variable {name!r} to override{did_you_mean(name, set(cfg))}")
+    return cfg
+
+
+def _override_assignments(text: str, path: Path, variables: Mapping[str, Any], assigned: set[str]) -> Any:
+    """``text`` compiled with the top-level assignments of ``variables`` replaced by their new values."""
+    tree = ast.parse(text, str(path))
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        names = [t.id for t in targets if isinstance(t, ast.Name) and t.id in variables]
+        if names and len(targets) == 1:
+            node.value = ast.copy_location(ast.parse(repr(variables[names[0]]), mode="eval").body, node.value)
+            assigned.add(names[0])
+    return compile(ast.fix_missing_locations(tree), str(path), "exec")
 
 
 _BASE_REFERENCE = re.compile(r"\{\{\s*_base_\.([\w\.]+)\s*\}\}")
@@ -72,16 +94,18 @@ def _resolve_base_references(value: Any, base: Mapping[str, Any], path: Path) ->
     return value
 
 
-def _run_file(path: Path) -> dict[str, Any]:
+def _run_file(path: Path, variables: Mapping[str, Any], assigned: set[str]) -> dict[str, Any]:
     if path.suffix not in (".py", ".json"):
         raise ConfigError(f"config file {path}: only .py and .json configs are supported")
     text = _substitute_text(path.read_text(), path)
     if path.suffix == ".json":
-        return json.loads(text)
+        loaded = json.loads(text)
+        assigned.update(set(variables) & set(loaded))
+        return {**loaded, **{k: v for k, v in variables.items() if k in loaded}}
     namespace: dict[str, Any] = {"__file__": str(path), "__name__": f"funceng_config_{path.stem}"}
     sys.path.insert(0, str(path.parent))
     try:
-        exec(compile(text, str(path), "exec"), namespace)
+        exec(_override_assignments(text, path, variables, assigned), namespace)
     finally:
         sys.path.remove(str(path.parent))
     return {
@@ -106,17 +130,24 @@ def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read(
+    path: Path,
+    chain: tuple[Path, ...],
+    variables: Mapping[str, Any] = {},
+    assigned: set[str] | None = None,  # noqa: B006
+) -> dict[str, Any]:
     if path in chain:
         raise ConfigError(f"config file {path}: _base_ inheritance loops ({' -> '.join(map(str, chain + (path,)))})")
     if not path.is_file():
         where = f" (a _base_ of {chain[-1]})" if chain else ""
         raise ConfigError(f"config file {path} does not exist{where}")
-    variables = _run_file(path)
+    assigned = set() if assigned is None else assigned
+    overrides = variables
+    variables = _run_file(path, overrides, assigned)
     bases = variables.pop("_base_", [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else list(bases):
-        base_vars = _read((path.parent / base).resolve(), (*chain, path))
+        base_vars = _read((path.parent / base).resolve(), (*chain, path), overrides, assigned)
         for key in set(merged) & set(base_vars):
             raise ConfigError(f"config file {path}: _base_ files both define {key!r}")
         merged.update(base_vars)
@@ -331,54 +362,14 @@ def _child(node: Any, key: str, where: str, allow_list_keys: bool, create: bool)
     return node[key]
 
 
-class DictAction(argparse.Action):
-    """MMEngine's argparse action: ``--cfg-options a.b=1 c=[1,2]`` into ``{"a.b": 1, "c": [1, 2]}``."""
+from funceng.cfg_options import DictAction, apply_cfg_options, parse_value, split_variable_options  # noqa: E402
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        options = dict(getattr(namespace, self.dest, None) or {})
-        for item in values:
-            if "=" not in item:
-                raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {item!r}")
-            key, raw = item.split("=", 1)
-            options[key] = parse_value(raw)
-        setattr(namespace, self.dest, options)
-
-
-def parse_value(text: str) -> Any:
-    """``1`` -> 1, ``[1,2]`` -> [1, 2], ``true`` -> True, ``None`` -> None; anything else stays a string."""
-    lowered = {"true": True, "false": False, "none": None, "null": None}
-    if text.lower() in lowered:
-        return lowered[text.lower()]
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_cfg_options(cfg: dict[str, Any], options: list[str], new_top_level: set[str] = frozenset()) -> None:
-    """Applies ``a.b=value`` overrides in place. Every key must already exist, except a top-level key in
-    ``new_top_level`` (the Runner's own arguments), so a typo is an error naming it."""
-    for option in options:
-        if "=" not in option:
-            raise ConfigError(f"--cfg-options {option!r}: expected KEY=VALUE, e.g. train_cfg.max_epochs=3")
-        dotted, raw = option.split("=", 1)
-        keys = dotted.split(".")
-        node: Any = cfg
-        created = False  # below a newly created Runner argument every key is new
-        for depth, key in enumerate(keys):
-            where = ".".join(keys[: depth + 1])
-            last = depth == len(keys) - 1
-            if not isinstance(node, dict):
-                raise ConfigError(f"--cfg-options {dotted}: {'.'.join(keys[:depth])} is not a dict")
-            if key not in node:
-                if created or (depth == 0 and key in new_top_level):
-                    node[key] = {} if not last else None
-                    created = True
-                else:
-                    raise ConfigError(f"--cfg-options {dotted}: unknown key {where!r} (known here: {sorted(node)})")
-            if last:
-                node[key] = parse_value(raw)
-            else:
-                if node[key] is None:
-                    node[key] = {}
-                node = node[key]
+__all__ = [
+    "Config",
+    "ConfigDict",
+    "DictAction",
+    "apply_cfg_options",
+    "load_config",
+    "parse_value",
+    "split_variable_options",
+]

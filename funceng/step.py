@@ -222,8 +222,21 @@ class TrainStep(_Step):
 
     binds_model = True  # modules that losses close over (a GAN's discriminator) compute with their trained state
 
-    def __init__(self, model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch=False, data_parallel=None):
+    def __init__(
+        self,
+        model,
+        tx,
+        loss_fn,
+        compile,
+        amp,
+        accumulate,
+        donate,
+        dynamic_batch=False,
+        data_parallel=None,
+        schedule=None,
+    ):
         super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
+        self.schedule = schedule
         if self.sharded and not donate:
             raise ValueError(
                 "donate=False: a sharded model's state shares storage with the model, so every step "
@@ -275,6 +288,8 @@ class TrainStep(_Step):
             grads, loss, logs = self._reduce(grads, loss, logs)
             grads, finite = self._loss_scale.unscale(grads, loss_scale)
             trained = params if len(grads) == len(params) else {name: params[name] for name in grads}
+            if self.schedule is not None:  # this iteration's hyperparameters, even if the update is skipped
+                self.schedule(s["step"], s["opt_state"])
             updates = optim.update_in_place(self.tx, grads, s["opt_state"], trained, only_if=finite)
             optim.apply_updates(trained, updates)
             s["step"].add_(1)
@@ -332,6 +347,7 @@ def make_train_step(
     donate: bool = True,
     dynamic_batch: bool = False,
     data_parallel: bool | None = None,
+    schedule: Callable[[Tensor, dict], None] | None = None,
 ) -> TrainStep:
     """A pure train step ``step(state, batch) -> (new_state, metrics)``.
 
@@ -351,13 +367,16 @@ def make_train_step(
     smaller last batch does not recompile. ``data_parallel``: average gradients (and the logged loss) over the
     ranks of the default process group inside the step; ``None`` does so whenever torch.distributed runs
     with more than one rank. Every rank must then call the step the same number of times.
+    ``schedule(step, opt_state)``: called inside the step, before the update, with the 0-d count of steps
+    taken so far and the optimizer state; it writes scheduled hyperparameters into the state (the Runner's
+    MMEngine schedulers, `funceng.runner.param_scheduler.ScheduledHyperparams.write`, index tables with it).
 
     ``metrics`` holds detached tensors: ``loss`` (unscaled), other logged loss entries, ``lr``, ``grad_norm``
     when clipping by norm and ``loss_scale`` with fp16.
     """
     if next(model.parameters(), None) is None:
         raise ValueError("make_train_step: the model has no parameters to train")
-    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch, data_parallel)
+    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch, data_parallel, schedule)
 
 
 def make_eval_step(

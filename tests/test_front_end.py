@@ -143,7 +143,7 @@ def test_config_typos_inside_components_name_the_key_and_the_closest_one(tmp_pat
             ),
             r"error_if_nonfinite=True is not supported",
         ),
-        (dict(param_scheduler=dict(type="StepLR", step_size=1, last_step=3)), r"param_scheduler\[0\].last_step"),
+        (dict(param_scheduler=dict(type="StepLR", step_size=1, last_step=3)), r"StepLR\): last_step=3: .*initial_lr"),
     ],
 )
 def test_options_funceng_cannot_honour_are_refused_not_ignored(tmp_path, overrides, match):

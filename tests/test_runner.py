@@ -129,7 +129,7 @@ def test_paramwise_cfg_gives_biases_and_norms_their_own_decay_and_lr(tmp_path):
     before = runner.model.net[4].weight.detach().clone()
     runner.train()
     groups = runner.state["opt_state"].keys()
-    assert {"lr_mult=1.0,decay_mult=1.0", "lr_mult=1.0,decay_mult=0.0", "lr_mult=0.0,decay_mult=1.0"} == set(groups)
+    assert {"lr_mult=1.0,decay_mult=1.0", "lr_mult=1.0,decay_mult=0.0", "frozen"} == set(groups)
     assert torch.equal(runner.state["params"]["net.4.weight"], before)  # lr_mult 0 freezes the head
 
 

@@ -71,6 +71,37 @@ def test_cli_rejects_an_unknown_cfg_option_naming_the_key(tmp_path, capsys):
     assert "unknown key 'train_cfg.max_epoch'" in capsys.readouterr().err
 
 
+def test_cfg_options_override_a_top_level_variable_everywhere_it_is_used_and_the_run_records_it(tmp_path, capsys):
+    import hashlib
+
+    from funceng import checkpoint as ckpt
+
+    work = tmp_path / "w"
+    assert cli(["train", CONFIG, "--work-dir", str(work), "--cfg-options", "max_epochs=1", "randomness.seed=1"]) == 0
+    assert "Epoch(train) [2]" not in capsys.readouterr().out  # train_cfg.max_epochs = max_epochs = 1
+    (run,) = [p for p in work.iterdir() if (p / "vis_data").is_dir()]
+    dumped = run / f"{run.name}.py"  # the resolved config, in the run's folder
+    text = dumped.read_text()
+    assert "max_epochs = 1" in text and "'end': 1" in text  # the cosine follows the variable too
+    assert (work / "digits_config.py").read_text() == text  # and beside the runs, where MMEngine writes it
+    meta = ckpt.read_meta(work / "epoch_1")
+    assert meta["extra"]["config_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_cfg_options_name_the_closest_variable_and_refuse_a_dotted_variable(tmp_path, capsys):
+    from funceng.config import split_variable_options
+
+    assert cli(["train", CONFIG, "--work-dir", str(tmp_path), "--cfg-options", "max_epoch=1"]) == 2
+    assert "unknown key 'max_epoch' (did you mean 'max_epochs'?)" in capsys.readouterr().err
+    cfg = {"backbone": {"depth": 18}, "model": {}}
+    assert split_variable_options(cfg, ["backbone={'depth': 50}", "model.x=1"], {"model"}) == (
+        {"backbone": {"depth": 50}},
+        ["model.x=1"],
+    )
+    with pytest.raises(ConfigError, match="override it whole"):
+        split_variable_options(cfg, ["backbone.depth=50"], {"model"})
+
+
 def test_cfg_options_parse_values_and_create_only_runner_arguments():
     cfg = {"a": {"b": 1}, "c": [1]}
     apply_cfg_options(cfg, ["a.b=2.5", "c=[1,2]", "a.b=true", "randomness.seed=7"], new_top_level={"randomness"})

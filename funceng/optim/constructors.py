@@ -62,17 +62,22 @@ class MultiOptimWrapperConstructor:
 
 
 def _param_groups(module: nn.Module, opt_cfg: Mapping[str, Any], paramwise_cfg: Mapping | None) -> Any:
+    """``module``'s parameters, or with ``paramwise_cfg`` one param group per distinct rule (MMEngine makes one
+    per parameter; the values are the same)."""
     if not paramwise_cfg:
         return module.parameters()
     named = dict(module.named_parameters())
-    groups: dict[tuple[float, float], list] = {}
-    for name, mults in paramwise_multipliers(module, paramwise_cfg).items():
-        groups.setdefault(mults, []).append(named[name])
-    decay = opt_cfg.get("weight_decay", 0.0)
-    return [
-        {"params": params, "lr": opt_cfg["lr"] * lr_mult, "weight_decay": decay * decay_mult}
-        for (lr_mult, decay_mult), params in groups.items()
-    ]
+    base_wd = opt_cfg.get("weight_decay")
+    groups: dict[Any, list] = {}
+    for name, rule in paramwise_multipliers(module, paramwise_cfg, base_wd).items():
+        groups.setdefault(rule, []).append(named[name])
+    built = []
+    for rule, params in groups.items():
+        group = {"params": params, "lr": opt_cfg["lr"] * rule.lr_mult, **dict(rule.extra)}
+        if base_wd is not None:
+            group["weight_decay"] = base_wd * rule.decay_mult
+        built.append(group)
+    return built
 
 
 def wrapper_from_cfg(

@@ -1,14 +1,14 @@
 """MMEngine's per-parameter rules (``paramwise_cfg``): each parameter's learning-rate and weight-decay
-multipliers, as ``DefaultOptimWrapperConstructor`` assigns them."""
+multipliers and extra hyperparameters, as ``DefaultOptimWrapperConstructor.add_params`` assigns them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
-from funceng.errors import check_keys
+from funceng.errors import ConfigError, check_keys
 
 PARAMWISE_KEYS = {
     "custom_keys",
@@ -17,36 +17,99 @@ PARAMWISE_KEYS = {
     "norm_decay_mult",
     "dwconv_decay_mult",
     "flat_decay_mult",
+    "bypass_duplicate",
+    "dcn_offset_lr_mult",
 }
+# MMEngine's norm layers: batch, instance, group and layer norm
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+class ParamRule(NamedTuple):
+    """What ``paramwise_cfg`` gives one parameter: multipliers of the base lr and weight decay, and the other
+    hyperparameters a ``custom_keys`` entry sets (``(("momentum", 0.5),)``)."""
+
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
-def paramwise_multipliers(model: nn.Module, paramwise_cfg: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """``{param name: (lr_mult, decay_mult)}`` following MMEngine's ``DefaultOptimWrapperConstructor``."""
+def paramwise_multipliers(
+    model: nn.Module, paramwise_cfg: Mapping[str, Any], base_wd: float | None = None
+) -> dict[str, ParamRule]:
+    """``{param name: ParamRule}`` for the trainable parameters, by MMEngine's rules: a matching ``custom_keys``
+    entry wins (longest key first, then alphabetical; matched against ``"<module>.<name>"``); else ``bias_lr_mult``
+    for biases outside norm layers, and the first weight-decay rule of norm layers (``norm_decay_mult``), biases
+    (``bias_decay_mult``), depth-wise convolutions (``dwconv_decay_mult``) and 1-D parameters
+    (``flat_decay_mult``). Weight-decay rules need the optimizer's ``weight_decay`` given explicitly (``base_wd``),
+    as in MMEngine, which refuses them otherwise."""
     check_keys("optim_wrapper.paramwise_cfg", paramwise_cfg, PARAMWISE_KEYS)
     custom = paramwise_cfg.get("custom_keys", {})
-    for key, mults in custom.items():
-        check_keys(f"optim_wrapper.paramwise_cfg.custom_keys[{key!r}]", mults, {"lr_mult", "decay_mult"})
-    ordered = sorted(sorted(custom), key=len, reverse=True)  # longer keys win, then alphabetical: MMEngine's order
-    result = {}
-    for module_name, module in model.named_modules():
+    if not isinstance(custom, Mapping):
+        raise ConfigError(f"optim_wrapper.paramwise_cfg.custom_keys: expected a dict, got {type(custom).__name__}")
+    if base_wd is None:
+        needing = [k for k in ("bias_decay_mult", "norm_decay_mult", "dwconv_decay_mult") if k in paramwise_cfg]
+        needing += [f"custom_keys[{k!r}].decay_mult" for k, v in custom.items() if "decay_mult" in v]
+        if needing:
+            raise ConfigError(
+                f"optim_wrapper.paramwise_cfg: {needing[0]} needs the optimizer's weight_decay set explicitly "
+                "(MMEngine: 'base_wd should not be None'); add weight_decay=... to optim_wrapper.optimizer"
+            )
+    if paramwise_cfg.get("dcn_offset_lr_mult") is not None:
+        from funceng.runner import compat
+
+        compat.ignored("optim_wrapper.paramwise_cfg.dcn_offset_lr_mult")
+    ordered = sorted(sorted(custom), key=len, reverse=True)
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    result: dict[str, ParamRule] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
         for short, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{short}" if module_name else short
-            match = next((key for key in ordered if key in name), None)
-            if match is not None:
-                result[name] = (custom[match].get("lr_mult", 1.0), custom[match].get("decay_mult", 1.0))
+            if id(param) not in trainable:
                 continue
-            lr_mult, decay_mult = 1.0, 1.0
-            is_norm = isinstance(module, NORM_LAYERS)
-            if short == "bias" and not is_norm:
-                lr_mult = paramwise_cfg.get("bias_lr_mult", 1.0)
-                decay_mult = paramwise_cfg.get("bias_decay_mult", 1.0)
-            if is_norm:
-                decay_mult = paramwise_cfg.get("norm_decay_mult", 1.0)
-            elif isinstance(module, nn.Conv2d) and module.in_channels == module.groups and param.ndim > 1:
-                decay_mult = paramwise_cfg.get("dwconv_decay_mult", 1.0)
-            elif param.ndim == 1 and "flat_decay_mult" in paramwise_cfg:
-                decay_mult = paramwise_cfg["flat_decay_mult"]
-            result[name] = (lr_mult, decay_mult)
+            name = trainable[id(param)]
+            if name not in result:  # a shared parameter: its first module's rule
+                result[name] = _rule(f"{prefix}.{short}", short, module, param, paramwise_cfg, custom, ordered, base_wd)
+    _check_shared(model, paramwise_cfg)
     return result
+
+
+def _rule(full: str, short: str, module, param, cfg, custom, ordered, base_wd) -> ParamRule:
+    key = next((k for k in ordered if k in full), None)
+    if key is not None:
+        entry = custom[key]
+        decay = entry.get("decay_mult", 1.0) if base_wd is not None else 1.0
+        extra = tuple(sorted((k, v) for k, v in entry.items() if k not in ("lr_mult", "decay_mult")))
+        return ParamRule(entry.get("lr_mult", 1.0), decay, extra)
+    is_norm = isinstance(module, NORM_LAYERS)
+    is_dwconv = isinstance(module, nn.Conv2d) and module.in_channels == module.groups
+    lr_mult, decay_mult = 1.0, 1.0
+    if short == "bias" and not is_norm and cfg.get("bias_lr_mult") is not None:
+        lr_mult = cfg["bias_lr_mult"]
+    if base_wd is not None:
+        if is_norm and cfg.get("norm_decay_mult") is not None:
+            decay_mult = cfg["norm_decay_mult"]
+        elif short == "bias" and cfg.get("bias_decay_mult") is not None:
+            decay_mult = cfg["bias_decay_mult"]
+        elif is_dwconv and cfg.get("dwconv_decay_mult") is not None:
+            decay_mult = cfg["dwconv_decay_mult"]
+        elif param.ndim == 1 and cfg.get("flat_decay_mult") is not None:
+            decay_mult = cfg["flat_decay_mult"]
+    return ParamRule(lr_mult, decay_mult)
+
+
+def _check_shared(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    """A parameter shared by two modules is in two of MMEngine's param groups, which torch refuses unless
+    ``bypass_duplicate=True`` (then its first module's rule applies, as here)."""
+    if cfg.get("bypass_duplicate", False):
+        return
+    seen: dict[int, str] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for short, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            name = f"{prefix}.{short}" if prefix else short
+            if id(param) in seen and seen[id(param)] != name:
+                raise ConfigError(
+                    f"optim_wrapper.paramwise_cfg: parameter {seen[id(param)]!r} is shared with {name!r}, so it "
+                    "would be in two param groups (torch refuses that); set paramwise_cfg.bypass_duplicate=True"
+                )
+            seen.setdefault(id(param), name)

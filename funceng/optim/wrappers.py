@@ -24,32 +24,46 @@ from funceng.optim.transforms import set_to_zero
 Labeler = Callable[[str, torch.Tensor], str] | Mapping[str, str]
 
 
-def accumulate(tx: GradientTransformation, every: int) -> GradientTransformation:
+def accumulate(tx: GradientTransformation, every: int, total: int | None = None) -> GradientTransformation:
     """Gradient accumulation: apply ``tx`` to the mean of ``every`` consecutive updates.
 
     Each call adds ``u`` to ``acc``; on every ``every``-th call ``tx`` sees ``acc / every`` and ``acc`` is reset;
     on the others the returned update is zero and ``tx``'s state is unchanged. Branchless: no host sync.
+
+    ``total``: the number of calls in the run (its iterations). If ``every`` does not divide it, the last
+    incomplete window is applied too, at the last call, as the mean of its ``total % every`` updates
+    (MMEngine's ``OptimWrapper`` rule).
     """
     if every < 1:
         raise ValueError(f"accumulate: every must be >= 1, got {every}")
     if every == 1:
         return tx
 
+    remainder = total % every if total else 0
+    divisible = total - remainder if total else 0
+
     def init(params: Params) -> OptState:
-        return {
-            "mini_step": scalar(0, first_param(params), torch.int64),
-            "acc": zeros_like(params),
-            "inner": tx.init(params),
-        }
+        like = first_param(params)
+        state = {"mini_step": scalar(0, like, torch.int64), "acc": zeros_like(params), "inner": tx.init(params)}
+        if remainder:
+            state["calls"] = scalar(0, like, torch.int64)
+        return state
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         mini_step, acc = state["mini_step"], values(state["acc"])
         mini_step.add_(1)
         is_last = mini_step == every
+        divisor: int | torch.Tensor = every
+        if remainder:
+            calls = state["calls"]
+            calls.add_(1)
+            in_last_window = calls > divisible
+            is_last = is_last | (calls == total)
+            divisor = torch.where(in_last_window, remainder, every).to(torch.float64)
         if updates:
             torch._foreach_add_(acc, values(updates))
             torch._foreach_copy_(values(updates), acc)
-            torch._foreach_div_(values(updates), every)
+            torch._foreach_div_(values(updates), divisor)
             torch._foreach_mul_(acc, (~is_last).to(acc[0].dtype))
         updates, state["inner"] = apply_if(is_last, tx, updates, state["inner"], params)
         mini_step.mul_((~is_last).to(torch.int64))

@@ -57,6 +57,7 @@ class Checkpointer:
             "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(runner.hooks)},
             "checkpointer": {"kept": self.kept, "best_value": self.best_value, "best_path": self.best_path},
             "config": _jsonable(runner.config_summary()),
+            "config_sha256": runner.config_sha256,
         }
 
     def save(self, name: str, update_last: bool = True) -> Path:

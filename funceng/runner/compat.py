@@ -24,6 +24,11 @@ IGNORED: dict[str, str] = {
     "default_hooks.visualization": "funceng draws no predictions; scalars go to visualizer.vis_backends",
     "model_wrapper_cfg.find_unused_parameters": "unused parameters get zero gradients, so it always holds",
     "param_scheduler.verbose": "the learning rate is logged by LoggerHook",
+    "optim_wrapper.optimizer.foreach": "funceng's optimizers always run foreach kernels",
+    "optim_wrapper.optimizer.fused": "funceng's optimizers always run foreach kernels (compiled: fused by inductor)",
+    "optim_wrapper.optimizer.capturable": "funceng's optimizer state is always on the parameters' device",
+    "optim_wrapper.optimizer.differentiable": "the optimizer runs outside autograd, inside the pure step",
+    "optim_wrapper.paramwise_cfg.dcn_offset_lr_mult": "it acts on mmcv's deformable convolutions only",
     "visualizer.type": "funceng has one visualizer; its backends come from visualizer.vis_backends",
     "visualizer.name": "funceng has one visualizer per Runner",
 }

@@ -3,6 +3,7 @@ directory and logger, the environment banner, and the vote on stop signals that 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -136,6 +137,17 @@ def open_run_log(env: RunEnvironment, work_dir: Path, log_level: str) -> tuple[s
     logger = RunLogger(log_dir / f"{timestamp}.log" if main else None, log_level if main else "WARNING")
     logger.info(env.banner())
     return timestamp, log_dir, logger
+
+
+def dump_config(cfg: Any, work_dir: Path, log_dir: Path, timestamp: str, write: bool) -> str:
+    """Writes the resolved config (empty for a Runner built in a script) where MMEngine does, beside the runs
+    (``work_dir/<config name or timestamp>.py``), and into this run's folder (``work_dir/<timestamp>/<timestamp>.py``);
+    returns the sha256 of its text, which checkpoints record."""
+    name = Path(cfg.filename).name if cfg.filename else f"{timestamp}.py"
+    if write:
+        cfg.dump(work_dir / name)
+        cfg.dump(log_dir / f"{timestamp}{Path(name).suffix}")
+    return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()
 
 
 def make_log_dir(work_dir: Path, rank: int) -> tuple[str, Path]:

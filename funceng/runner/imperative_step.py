@@ -23,11 +23,9 @@ from funceng.loss import parse_loss
 from funceng.optim.constructors import build_optim_wrapper, is_wrapper_object
 from funceng.optim.imperative import BoundUpdate, OptimWrapperDict
 from funceng.registry import OPTIMIZERS, keyword_parameters
-from funceng.runner.param_scheduler import build_lr_schedule
+from funceng.runner.optim_wrapper import IMPLEMENTATION_OPTIONS
+from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables, train_length
 from funceng.state import trainable_names
-
-# torch.optim options that choose an implementation, not a result
-IMPLEMENTATION_OPTIONS = {"foreach", "fused", "capturable", "differentiable"}
 
 
 def overrides_train_step(model: nn.Module) -> bool:
@@ -49,12 +47,13 @@ class WrapperOptimizer:
     """The functional optimizer for optimizer wrapper objects: one `optim.partition` group per ``torch.optim``
     param group, labelled ``"<wrapper>/<index>"``; parameters in no group are left unchanged (``"unoptimized"``)."""
 
-    def __init__(self, optim_wrapper: Any, model: nn.Module, param_scheduler: Any, epoch_length: int):
+    def __init__(self, optim_wrapper: Any, model: nn.Module, param_scheduler: Any, length: TrainLength):
         self.wrappers = dict(optim_wrapper) if isinstance(optim_wrapper, OptimWrapperDict) else {"": optim_wrapper}
         by_id = {id(p): name for name, p in model.named_parameters()}
         self.transforms: dict[str, optim.GradientTransformation] = {"unoptimized": optim.set_to_zero()}
         self.labels: dict[str, str] = {name: "unoptimized" for name in by_id.values()}
-        self.groups: dict[str, list[tuple[str, dict, Callable | float]]] = {}
+        self.groups: dict[str, list[tuple[str, dict]]] = {}
+        self.hyperparams: dict[str, ScheduledHyperparams] = {}
         for wname, wrapper in self.wrappers.items():
             where = f"optim_wrapper[{wname!r}]" if wname else "optim_wrapper"
             optimizer = wrapper._optimizer
@@ -67,16 +66,32 @@ class WrapperOptimizer:
                 )
             factory = OPTIMIZERS.resolve(type(optimizer), f"{where}.optimizer")
             self.groups[wname] = []
-            for index, group in enumerate(optimizer.param_groups):
-                label = f"{wname}/{index}" if wname else str(index)
+            schedulers = _schedulers_of(param_scheduler, wname, list(self.wrappers))
+            tables = schedule_tables(
+                schedulers, [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups], length
+            )
+            labels = [f"{wname}/{index}" if wname else str(index) for index in range(len(optimizer.param_groups))]
+            if tables.plateaus:
+                raise ConfigError(
+                    f"{where}: ReduceOnPlateau schedulers need a config dict optim_wrapper (the Runner's compiled "
+                    "step), not optimizer wrapper objects or an overridden train_step"
+                )
+            self.hyperparams[wname] = hyperparams = ScheduledHyperparams(tables, labels, _device_of(optimizer))
+            accepted = {"lr", "momentum", "betas", "weight_decay"} & (keyword_parameters(factory) or set())
+            if hyperparams.injected - accepted:
+                raise ConfigError(
+                    f"param_scheduler: {sorted(hyperparams.injected - accepted)} of {type(optimizer).__name__} "
+                    f"cannot be scheduled; funceng schedules {sorted(accepted)}"
+                )
+            injected = optim.inject_hyperparams(factory, sorted(hyperparams.injected))
+            for index, (label, group) in enumerate(zip(labels, optimizer.param_groups)):
                 kwargs = _hyperparameters(optimizer, group, factory, f"{where}.optimizer.param_groups[{index}]")
-                lr = build_lr_schedule(param_scheduler, group["lr"], epoch_length) or group["lr"]
-                self.transforms[label] = factory(**{**kwargs, "lr": lr})
+                self.transforms[label] = injected(**{**kwargs, "lr": group["lr"]})
                 for p in group["params"]:
                     if id(p) not in by_id:
                         raise ConfigError(f"{where}: its optimizer holds a parameter that is not the model's")
                     self.labels[by_id[id(p)]] = label
-                self.groups[wname].append((label, {k: v for k, v in group.items() if k != "params"}, lr))
+                self.groups[wname].append((label, {k: v for k, v in group.items() if k != "params"}))
         self.tx = optim.partition(self.transforms, self.labels)
         self.names_by_label = {
             label: [n for n, lab in self.labels.items() if lab == label] for label in self.transforms
@@ -89,22 +104,24 @@ class WrapperOptimizer:
         """Binds every wrapper to ``runner``'s state; returns what the model's ``train_step`` receives."""
         trainable = set(trainable_names(runner.model))  # the state has optimizer state for these only
         for wname, wrapper in self.wrappers.items():
-            labels = [label for label, _, _ in self.groups[wname]]
+            labels = [label for label, _ in self.groups[wname]]
             names = [n for n, label in self.labels.items() if label in labels and n in trainable]
             wrapper.bind(
                 runner.model,
                 BoundUpdate(
                     names,
-                    lambda grads, labels=labels: self._update(runner.state, grads, labels),
+                    lambda grads, labels=labels, wname=wname: self._update(runner.state, grads, labels, wname),
                     lambda runner=runner, wname=wname: self._lrs(runner, wname),
-                    [g for _, g, _ in self.groups[wname]],
+                    [g for _, g in self.groups[wname]],
                 ),
             )
         return self.wrappers[""] if "" in self.wrappers else OptimWrapperDict(**self.wrappers)
 
-    def _update(self, state: Any, grads: dict[str, torch.Tensor], labels: list[str]) -> None:
-        """Applies each label's transform to its parameters' gradients, writing into ``state`` in place."""
+    def _update(self, state: Any, grads: dict[str, torch.Tensor], labels: list[str], wname: str) -> None:
+        """Applies each label's transform to its parameters' gradients, writing into ``state`` in place, with the
+        hyperparameters its schedulers give this iteration."""
         with torch.no_grad():
+            self.hyperparams[wname].write(state["step"], state["opt_state"])
             for label in labels:
                 names = [n for n in self.names_by_label[label] if n in grads]
                 if not names:
@@ -116,8 +133,26 @@ class WrapperOptimizer:
                 optim.apply_updates(params, updates)
 
     def _lrs(self, runner: Any, wname: str) -> list[float]:
-        step = runner.lr_step()
-        return [float(lr(step)) if callable(lr) else float(lr) for _, _, lr in self.groups[wname]]
+        step, hyperparams = runner.lr_step(), self.hyperparams[wname]
+        return [
+            hyperparams.value("lr", index, step) if hyperparams.value("lr", index, step) is not None else group["lr"]
+            for index, (_, group) in enumerate(self.groups[wname])
+        ]
+
+
+def _schedulers_of(param_scheduler: Any, wrapper: str, wrappers: list[str]) -> Any:
+    """The schedulers of one wrapper: MMEngine's ``param_scheduler`` is one list for every optimizer, or a dict
+    keyed by the wrappers' names."""
+    if isinstance(param_scheduler, Mapping) and "type" not in param_scheduler:
+        unknown = set(param_scheduler) - set(wrappers)
+        if unknown:
+            raise ConfigError(f"param_scheduler: {sorted(unknown)} name no optimizer wrapper; they are {wrappers}")
+        return param_scheduler.get(wrapper)
+    return param_scheduler
+
+
+def _device_of(optimizer: torch.optim.Optimizer) -> torch.device:
+    return next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer, group: Mapping, factory: Callable, where: str) -> dict:
@@ -154,9 +189,11 @@ def build_imperative_training(runner: Any, loader: Any) -> None:
             f"optim_wrapper holds several optimizers, so {type(runner.model).__name__} must override "
             "train_step(data, optim_wrapper) to say which loss each one minimises"
         )
-    setup = WrapperOptimizer(wrappers, runner.model, runner.param_scheduler, len(loader))
+    setup = WrapperOptimizer(wrappers, runner.model, runner.param_scheduler, train_length(runner.train_loop, loader))
     runner.log_frozen(setup.unoptimized(), why="being in no optimizer's param groups")
     runner.create_state(setup.tx)
+    for hyperparams in setup.hyperparams.values():
+        hyperparams.group_paths(runner.state["opt_state"])
     bound = setup.bind(runner)
     if runner.compile:
         runner.logger.warning(

@@ -14,30 +14,40 @@ from torch import nn
 from funceng import optim
 from funceng.errors import ConfigError, check_keys
 from funceng.optim.imperative import AmpOptimWrapper, BoundUpdate, OptimWrapper
-from funceng.optim.paramwise import paramwise_multipliers
+from funceng.optim.paramwise import ParamRule, paramwise_multipliers
 from funceng.registry import OPTIM_WRAPPERS, OPTIMIZERS, keyword_parameters, type_name
+from funceng.runner import compat
+from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables
 
-OPTIMIZERS.register(optim.sgd, name="SGD")
-OPTIMIZERS.register(optim.adam, name="Adam")
-OPTIMIZERS.register(optim.adamw, name="AdamW")
+TORCH_OPTIMIZERS = {
+    "SGD": optim.sgd,
+    "Adam": optim.adam,
+    "AdamW": optim.adamw,
+    "Adagrad": optim.adagrad,
+    "RMSprop": optim.rmsprop,
+    "Adadelta": optim.adadelta,
+    "Adamax": optim.adamax,
+    "NAdam": optim.nadam,
+    "RAdam": optim.radam,
+    "Rprop": optim.rprop,
+    "ASGD": optim.asgd,
+    "Adafactor": optim.adafactor,
+}
+for _name, _factory in TORCH_OPTIMIZERS.items():
+    OPTIMIZERS.register(_factory, name=_name)
 OPTIM_WRAPPERS.register(OptimWrapper)
 OPTIM_WRAPPERS.register(AmpOptimWrapper)
+# torch.optim options that choose an implementation, not a result: funceng always runs foreach kernels
+IMPLEMENTATION_OPTIONS = {"foreach", "fused", "capturable", "differentiable"}
+REFUSED_OPTIMIZERS = {
+    "LBFGS": "it re-evaluates the loss through a closure several times per step, which a pure (state, batch) step "
+    "cannot do; use Adam or SGD, or train imperatively with an overridden train_step",
+    "SparseAdam": "it needs sparse gradients, and funceng's gradients (torch.func.grad) are dense; use Adam",
+    "Muon": "funceng has no Muon yet; use AdamW",
+}
 WRAPPER_KEYS = {"type", "optimizer", "clip_grad", "accumulative_counts", "dtype", "paramwise_cfg", "loss_scale"}
 WRAPPER_KEYS |= {"constructor"}  # "DefaultOptimWrapperConstructor" here; others build wrapper objects
 AMP_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-@dataclass(frozen=True)
-class OptimizerSetup:
-    """What ``optim_wrapper`` asks for: the transform (accumulating gradients over ``accumulate`` iterations),
-    the AMP dtype name or ``None``, the optimizer's base learning rate, and the parameters that
-    ``paramwise_cfg`` freezes with ``lr_mult=0``."""
-
-    tx: optim.GradientTransformation
-    amp: str | None
-    accumulate: int
-    base_lr: float
-    frozen: tuple[str, ...] = ()
 
 
 def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., optim.GradientTransformation], dict]:
@@ -48,43 +58,79 @@ def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., op
         raise ConfigError("optim_wrapper: missing 'optimizer' (e.g. optimizer=dict(type='SGD', lr=0.01))")
     if "type" not in opt_cfg:
         raise ConfigError("optim_wrapper.optimizer: missing 'type' (e.g. type='SGD' or type=torch.optim.SGD)")
+    name = type_name(opt_cfg["type"])
+    if name in REFUSED_OPTIMIZERS:
+        raise ConfigError(f"optim_wrapper.optimizer.type={name!r} is not supported: {REFUSED_OPTIMIZERS[name]}")
     factory = OPTIMIZERS.resolve(opt_cfg["type"], "optim_wrapper.optimizer.type")
     kwargs = {k: v for k, v in opt_cfg.items() if k != "type"}
-    name = type_name(opt_cfg["type"])
+    for option in sorted(IMPLEMENTATION_OPTIONS & set(kwargs)):
+        compat.ignored(f"optim_wrapper.optimizer.{option}")
+        del kwargs[option]
     check_keys(f"optim_wrapper.optimizer ({name})", kwargs, keyword_parameters(factory))
     if "lr" not in kwargs:
         raise ConfigError(f"optim_wrapper.optimizer ({name}): missing 'lr'")
     return factory, kwargs
 
 
-def build_optimizer(
-    optim_wrapper: Mapping[str, Any], model: nn.Module, lr: Any = None, sharded: bool = False
-) -> OptimizerSetup:
-    """The optimizer that ``optim_wrapper`` describes for ``model``.
+@dataclass(frozen=True)
+class OptimizerSetup:
+    """What ``optim_wrapper`` and ``param_scheduler`` ask for: the transform (accumulating gradients over
+    ``accumulate`` iterations), the AMP dtype name or ``None``, the optimizer's base learning rate, the scheduled
+    hyperparameters (`funceng.runner.param_scheduler.ScheduledHyperparams`: the train step's ``schedule``) and
+    the parameters that ``paramwise_cfg`` freezes with ``lr_mult=0``."""
 
-    ``lr`` (a schedule from ``param_scheduler``) replaces the constant learning rate; param groups from
-    ``paramwise_cfg`` scale it by their ``lr_mult``. ``sharded``: the gradients are row shards (FSDP2), so
-    clipping by norm sums the squared norms over the ranks.
+    tx: optim.GradientTransformation
+    amp: str | None
+    accumulate: int
+    base_lr: float
+    hyperparams: ScheduledHyperparams
+    frozen: tuple[str, ...] = ()
+
+
+def build_optimizer(
+    optim_wrapper: Mapping[str, Any],
+    model: nn.Module,
+    param_scheduler: Any,
+    length: TrainLength,
+    sharded: bool = False,
+    device: Any = None,
+) -> OptimizerSetup:
+    """The optimizer that ``optim_wrapper`` describes for ``model``, its hyperparameters driven by
+    ``param_scheduler`` over a run of ``length``.
+
+    Param groups come from ``paramwise_cfg`` (one per distinct ``(lr_mult, decay_mult)``). Each group's optimizer
+    keeps its learning rate and scheduled hyperparameters in the state (`funceng.optim.inject_hyperparams`).
+    ``sharded``: the gradients are row shards (FSDP2), so clipping by norm sums the squared norms over the ranks.
     """
     factory, kwargs = optimizer_kwargs(optim_wrapper)
     wrapper = OPTIM_WRAPPERS.resolve(optim_wrapper.get("type", "OptimWrapper"), "optim_wrapper.type")
     base_lr = kwargs["lr"]
-    lr = base_lr if lr is None else lr
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(factory).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     paramwise = optim_wrapper.get("paramwise_cfg")
+    optimizer_name = type_name(optim_wrapper["optimizer"]["type"])
     if paramwise:
-        mults = paramwise_multipliers(model, paramwise)
-        decay = kwargs.get("weight_decay", inspect.signature(factory).parameters["weight_decay"].default)
-        label = lambda lr_mult, decay_mult: f"lr_mult={lr_mult},decay_mult={decay_mult}"  # noqa: E731
-        transforms = {  # lr_mult=0 freezes for real: no update at all (with weight decay or AdamW too), no state
-            label(lm, dm): optim.set_to_zero()
-            if lm == 0
-            else factory(**{**kwargs, "lr": _scaled(lr, lm), "weight_decay": decay * dm})
-            for lm, dm in sorted(set(mults.values()))
-        }
-        tx = optim.partition(transforms, {name: label(lm, dm) for name, (lm, dm) in mults.items()})
-        frozen = tuple(name for name, (lm, _) in mults.items() if lm == 0)
+        rules = paramwise_multipliers(model, paramwise, kwargs.get("weight_decay"))
+        # groups in the order of their first parameter, so the first (the logged lr) is MMEngine's param_groups[0]
+        trained = list(dict.fromkeys(rule for rule in rules.values() if rule.lr_mult != 0))
+        groups = {_label(rule): _group_kwargs(kwargs, defaults, rule, optimizer_name) for rule in trained}
+        frozen = tuple(name for name, rule in rules.items() if rule.lr_mult == 0)
     else:
-        tx, frozen = factory(**{**kwargs, "lr": lr}), ()
+        groups, frozen = {None: dict(kwargs)}, ()
+    tables = schedule_tables(param_scheduler, [{**defaults, **g} for g in groups.values()], length)
+    hyperparams = ScheduledHyperparams(tables, list(groups), device)
+    injected = optim.inject_hyperparams(factory, _injectable(factory, hyperparams.injected, optimizer_name))
+    if paramwise:
+        transforms = {label: injected(**g) for label, g in groups.items()}
+        if frozen:  # lr_mult=0 freezes for real: no update at all (with weight decay or AdamW too), no state
+            transforms["frozen"] = optim.set_to_zero()
+        labels = {n: _label(rule) if rule.lr_mult != 0 else "frozen" for n, rule in rules.items()}
+        tx = optim.partition(transforms, labels)
+    else:
+        tx = injected(**groups[None])
     tx = _with_clipping(tx, optim_wrapper.get("clip_grad"), sharded)
     amp = None
     if wrapper is AmpOptimWrapper:
@@ -101,7 +147,42 @@ def build_optimizer(
     elif "dtype" in optim_wrapper or "loss_scale" in optim_wrapper:
         raise ConfigError("optim_wrapper: 'dtype' and 'loss_scale' need type='AmpOptimWrapper'")
     accumulate = int(optim_wrapper.get("accumulative_counts", 1))
-    return OptimizerSetup(optim.accumulate(tx, accumulate), amp, accumulate, base_lr, frozen)
+    tx = optim.accumulate(tx, accumulate, total=length.max_iters)
+    return OptimizerSetup(tx, amp, accumulate, base_lr, hyperparams, frozen)
+
+
+def _label(rule: ParamRule) -> str:
+    return ",".join([f"lr_mult={rule.lr_mult}", f"decay_mult={rule.decay_mult}"] + [f"{k}={v}" for k, v in rule.extra])
+
+
+def _group_kwargs(kwargs: dict, defaults: dict, rule: ParamRule, optimizer: str) -> dict:
+    """One param group's optimizer arguments: MMEngine's ``base_lr * lr_mult``, ``base_wd * decay_mult`` and a
+    ``custom_keys`` entry's other hyperparameters."""
+    group = {**kwargs, "lr": kwargs["lr"] * rule.lr_mult}
+    if "weight_decay" in defaults and rule.decay_mult != 1.0:
+        group["weight_decay"] = kwargs["weight_decay"] * rule.decay_mult
+    for key, value in rule.extra:
+        if key not in defaults:
+            raise ConfigError(
+                f"optim_wrapper.paramwise_cfg.custom_keys: {key}={value!r} is not a hyperparameter of {optimizer} "
+                f"(it takes {sorted(defaults)})"
+            )
+        group[key] = tuple(value) if isinstance(value, list) else value
+    return group
+
+
+def _injectable(factory: Callable, names: set[str], optimizer: str) -> list[str]:
+    """``names`` that a schedule may drive in ``factory``: the learning rate, momentum / betas and weight decay
+    (the hyperparameters funceng's optimizers accept as state tensors)."""
+    accepted = keyword_parameters(factory) or set()
+    schedulable = {"lr", "momentum", "betas", "weight_decay"} & accepted
+    unknown = names - schedulable
+    if unknown:
+        raise ConfigError(
+            f"param_scheduler: {optimizer}'s {sorted(unknown)} cannot be scheduled; funceng schedules "
+            f"{sorted(schedulable)} of {optimizer}"
+        )
+    return sorted(names)
 
 
 def _with_clipping(tx: optim.GradientTransformation, clip: Mapping | None, sharded: bool):
@@ -122,14 +203,6 @@ def _with_clipping(tx: optim.GradientTransformation, clip: Mapping | None, shard
         check_keys("optim_wrapper.clip_grad", clip, {"type", "clip_value"})
         return optim.chain(optim.clip_by_value(clip["clip_value"]), tx)
     raise ConfigError(f"optim_wrapper.clip_grad.type: expected 'norm' or 'value', got {clip_type!r}")
-
-
-def _scaled(lr: float | Callable, mult: float) -> float | Callable:
-    if mult == 1.0:
-        return lr
-    if callable(lr):
-        return lambda step: lr(step) * mult
-    return lr * mult
 
 
 def scale_lr(
@@ -158,10 +231,10 @@ def scale_lr(
     return {**optim_wrapper, "optimizer": {**opt_cfg, "lr": opt_cfg["lr"] * ratio}}
 
 
-def config_facade(runner: Any, cfg: Mapping[str, Any], schedule: Callable | None, base_lr: float) -> OptimWrapper:
+def config_facade(runner: Any, cfg: Mapping[str, Any], hyperparams: ScheduledHyperparams) -> OptimWrapper:
     """``runner.optim_wrapper`` after a config built the pure step: an `OptimWrapper` that hooks can read
-    (``get_lr()``: the scheduled lr of the base group; ``optimizer.param_groups``) but not step, since the
-    compiled train step updates the state itself."""
+    (``get_lr()``: the scheduled lr of the first group at the hooks' iteration; ``optimizer.param_groups``) but
+    not step, since the compiled train step updates the state itself."""
 
     def refuse(grads):
         raise TypeError(
@@ -169,8 +242,11 @@ def config_facade(runner: Any, cfg: Mapping[str, Any], schedule: Callable | None
             "yourself, override BaseModel.train_step(data, optim_wrapper)"
         )
 
+    base_lr = (cfg.get("optimizer") or {}).get("lr", 0.0)
+
     def lrs() -> list[float]:
-        return [float(schedule(runner.lr_step())) if schedule is not None else float(base_lr)]
+        scheduled = hyperparams.value("lr", 0, runner.lr_step())
+        return [float(scheduled if scheduled is not None else hyperparams.current_lr(runner.state, base_lr))]
 
     group = {k: v for k, v in (cfg.get("optimizer") or {}).items() if k != "type"}
     facade = OptimWrapper(accumulative_counts=int(cfg.get("accumulative_counts", 1)))

@@ -1,150 +1,287 @@
-"""MMEngine's ``param_scheduler`` dicts as one learning-rate schedule: a pure function of the optimizer's update
-count, evaluated inside the train step (see `funceng.schedules` for the curves themselves).
+"""MMEngine's ``param_scheduler`` dicts as tables of hyperparameter values, one value per iteration (or per epoch
+when every scheduler counts epochs), that the compiled train step indexes with its step counter.
 
-Each scheduler acts on ``[begin, end)``, in epochs when ``by_epoch`` (taking its value at epoch starts unless
-``convert_to_iter_based``) or in iterations, and holds its last value after ``end``; active schedulers multiply.
+The tables come from stepping MMEngine's rules (`funceng.runner.scheduler_rules`) exactly as MMEngine's
+``ParamSchedulerHook`` does: schedulers built in config order, each stepping once when built, the iteration-based
+ones after every iteration and the epoch-based ones after every epoch, each moving the param group's *current*
+value. So the values are MMEngine's, bit for bit, including chained schedulers, ``end`` defaults, ``last_step``
+and ``convert_to_iter_based``. Reading a table inside the step is a pure function of the step number: a new value
+never recompiles. ``ReduceOnPlateau*`` depends on validation metrics instead (`funceng.runner.plateau`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from funceng import schedules
 from funceng.errors import ConfigError, check_keys
 from funceng.registry import PARAM_SCHEDULERS as SCHEDULERS
 from funceng.registry import keyword_parameters, type_name
 from funceng.runner import compat
+from funceng.runner.scheduler_rules import ReduceOnPlateau, Rule
 
-INF = 10**12
+INF = 10**9  # MMEngine's "no end"
 COMMON_KEYS = {"type", "begin", "end", "by_epoch", "convert_to_iter_based", "last_step", "verbose"}
+Group = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Span:
-    """Where one scheduler acts: the optimizer's base lr, its length in its own steps, and iterations per step
-    of a scheduler counted in epochs but converted to iterations (else 1)."""
+class TrainLength:
+    """The train loop the schedulers run in: iterations per epoch, and its length."""
 
-    base_lr: float
-    length: int
-    scale: int
-
-
-@SCHEDULERS.register(name="ConstantLR")
-def constant_lr(span: Span, factor: float = 1 / 3):
-    return schedules.constant_factor(1.0, factor, span.length - 1)
+    epoch_length: int
+    max_iters: int
+    max_epochs: int  # 1 for an iteration-based loop, as MMEngine's IterBasedTrainLoop says
+    by_epoch: bool
 
 
-@SCHEDULERS.register(name="LinearLR")
-def linear_lr(span: Span, start_factor: float = 1 / 3, end_factor: float = 1.0):
-    return schedules.linear(1.0, start_factor, end_factor, span.length - 1)
+def train_length(loop: Any, loader: Any) -> TrainLength:
+    """The `TrainLength` of a train loop over ``loader`` (a custom loop without ``max_epochs`` counts as one)."""
+    return TrainLength(len(loader), loop.max_iters, getattr(loop, "max_epochs", None) or 1, loop.by_epoch)
 
 
-@SCHEDULERS.register(name="StepLR")
-def step_lr(span: Span, step_size: int, gamma: float = 0.1):
-    return schedules.step(1.0, step_size * span.scale, gamma)
+class Scheduler:
+    """One built scheduler: MMEngine's ``_ParamScheduler`` bookkeeping around a `Rule`."""
+
+    def __init__(self, rule: Rule, param: str, begin: int, end: int, by_epoch: bool, last_step: int, groups: list):
+        self.rule, self.param, self.begin, self.end, self.by_epoch = rule, param, begin, end, by_epoch
+        self.use_betas = param == "momentum" and "momentum" not in groups[0] and "betas" in groups[0]
+        if param == "momentum" and not self.use_betas and "momentum" not in groups[0]:
+            raise ConfigError("a momentum scheduler needs an optimizer with 'momentum' or 'betas'")
+        if self.use_betas:
+            for group in groups:
+                group["momentum"] = group["betas"][0]
+        if param not in groups[0]:
+            known = sorted(k for k, v in groups[0].items() if isinstance(v, (int, float)) and k != "params")
+            raise ConfigError(f"the optimizer has no hyperparameter {param!r} to schedule; it has {known}")
+        if last_step == -1:
+            rule.setup(groups, param, begin, end)
+            for group in groups:
+                group.setdefault(f"initial_{param}", group[param])
+        else:
+            if any(f"initial_{param}" not in group for group in groups):
+                raise ConfigError(
+                    f"last_step={last_step}: resuming a scheduler by step needs 'initial_{param}' in the param "
+                    "groups, set by an earlier scheduler with last_step=-1 (MMEngine's rule too)"
+                )
+            rule.setup(groups, param, begin, end)
+        self.base = [group[f"initial_{param}"] for group in groups]
+        self.last_step, self.global_step = last_step, -1
+        if not isinstance(rule, ReduceOnPlateau):
+            self.step(groups)
+
+    def step(self, groups: list[Group]) -> None:
+        self.global_step += 1
+        if self.begin <= self.global_step < self.end:
+            self.last_step += 1
+            values = [self.rule.value(self.last_step, g[self.param], b, g) for g, b in zip(groups, self.base)]
+            for group, value in zip(groups, values):
+                group[self.param] = value
+        if self.use_betas:
+            for group in groups:
+                group["betas"] = (group["momentum"], group["betas"][1])
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        """Where the value lives in a param group: ``("betas", 0)`` for the Adam family's momentum."""
+        return ("betas", 0) if self.use_betas else (self.param, None)
 
 
-@SCHEDULERS.register(name="MultiStepLR")
-def multi_step_lr(span: Span, milestones: Sequence[int], gamma: float = 0.1):
-    return schedules.multi_step(1.0, [m * span.scale for m in milestones], gamma)
+def build_schedulers(cfgs: Any, groups: list[Group], length: TrainLength) -> list[Scheduler]:
+    """The schedulers ``param_scheduler`` configures, built in order on ``groups`` (which they modify)."""
+    if not cfgs:
+        return []
+    cfgs = [cfgs] if isinstance(cfgs, Mapping) else list(cfgs)
+    return [_build(cfg, f"param_scheduler[{i}]", groups, length) for i, cfg in enumerate(cfgs)]
 
 
-@SCHEDULERS.register(name="ExponentialLR")
-def exponential_lr(span: Span, gamma: float):
-    return schedules.exponential(1.0, gamma ** (1.0 / span.scale))
-
-
-@SCHEDULERS.register(name="CosineAnnealingLR")
-def cosine_annealing_lr(
-    span: Span,
-    T_max: float | None = None,
-    eta_min: float = 0.0,  # noqa: N803 (MMEngine's name)
-    eta_min_ratio: float | None = None,
-):
-    t_max = (span.length / span.scale if T_max is None else T_max) * span.scale
-    ratio = eta_min_ratio if eta_min_ratio is not None else eta_min / span.base_lr
-    return schedules.cosine_annealing(1.0, t_max, ratio)
-
-
-@SCHEDULERS.register(name="PolyLR")
-def poly_lr(span: Span, eta_min: float = 0.0, power: float = 1.0):
-    return schedules.polynomial(1.0, span.length, power, eta_min / span.base_lr)
-
-
-@SCHEDULERS.register(name="OneCycleLR")
-def one_cycle_lr(
-    span: Span,
-    eta_max: float,
-    total_steps: int | None = None,
-    pct_start: float = 0.3,
-    anneal_strategy: str = "cos",
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
-    three_phase: bool = False,
-):
-    total = (span.length / span.scale if total_steps is None else total_steps) * span.scale
-    return schedules.one_cycle(
-        eta_max / span.base_lr, int(total), pct_start, anneal_strategy, div_factor, final_div_factor, three_phase
-    )
-
-
-def _part(cfg: Mapping, where: str, base_lr: float, epoch_length: int):
-    """``(begin, end, unit, iter_based, factor)`` of one scheduler, its factor a function of its local step."""
-    if "type" not in cfg:
-        raise ConfigError(f"{where}: missing 'type'; supported: {SCHEDULERS.names()}")
-    factory = SCHEDULERS.resolve(cfg["type"], f"{where}.type")
-    args = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
-    own_keys = keyword_parameters(factory) - {"span"}
-    check_keys(f"{where} ({type_name(cfg['type'])})", cfg, COMMON_KEYS | own_keys)
+def _build(cfg: Mapping, where: str, groups: list[Group], length: TrainLength) -> Scheduler:
+    if not isinstance(cfg, Mapping) or "type" not in cfg:
+        raise ConfigError(f"{where}: expected dict(type=..., ...); supported types: {SCHEDULERS.names()}")
+    rule_class = SCHEDULERS.resolve(cfg["type"], f"{where}.type")
+    name = type_name(cfg["type"])
+    if not (isinstance(rule_class, type) and issubclass(rule_class, Rule)):
+        raise ConfigError(f"{where}.type: {name} is not one of MMEngine's parameter schedulers")
+    own = (keyword_parameters(rule_class) or set()) | ({"param_name"} if rule_class.param is None else set())
+    check_keys(f"{where} ({name})", cfg, COMMON_KEYS | own)
+    param = rule_class.param or cfg.get("param_name")
+    if not param:
+        raise ConfigError(f"{where} ({name}): missing 'param_name' (the hyperparameter to schedule, e.g. 'lr')")
     if cfg.get("verbose"):
         compat.ignored("param_scheduler.verbose")
-    if cfg.get("last_step", -1) != -1:
-        raise ConfigError(
-            f"{where}.last_step: the position of a resumed run comes from its checkpoint; leave last_step at -1"
-        )
     by_epoch = cfg.get("by_epoch", True)
-    unit = epoch_length if by_epoch else 1
-    iter_based = not by_epoch or cfg.get("convert_to_iter_based", False)
-    scale = unit if iter_based else 1
-    begin = cfg.get("begin", 0) * unit
-    end = min(cfg.get("end", INF) * unit, INF)
+    convert = cfg.get("convert_to_iter_based", False)
+    plateau = issubclass(rule_class, ReduceOnPlateau)
+    if convert and (not by_epoch or plateau):
+        raise ConfigError(f"{where}: convert_to_iter_based needs by_epoch=True and a scheduler that steps by epoch")
+    if plateau and not by_epoch:
+        raise ConfigError(f"{where} ({name}): ReduceOnPlateau steps after validation epochs only (by_epoch=True)")
+    if by_epoch and not convert and not plateau and not length.by_epoch:
+        raise ConfigError(
+            f"{where} ({name}): by_epoch=True in an iteration-based loop never steps (MMEngine steps it after each "
+            "epoch, and an IterBasedTrainLoop has none): set by_epoch=False, or convert_to_iter_based=True"
+        )
+    begin = cfg.get("begin", 0)
+    end = cfg.get("end", length.max_epochs if by_epoch else length.max_iters)
+    args = {k: v for k, v in cfg.items() if k not in COMMON_KEYS | {"param_name"}}
+    if convert:
+        scale = length.epoch_length
+        begin, end = int(begin * scale), int(end * scale) if end != INF else end
+        for arg in rule_class.epoch_args:
+            if args.get(arg) is not None:
+                value = args[arg]
+                args[arg] = [v * scale for v in value] if isinstance(value, (list, tuple)) else value * scale
+        by_epoch = False
     if end <= begin:
-        raise ConfigError(f"{where}: end ({cfg.get('end')}) must be greater than begin ({cfg.get('begin', 0)})")
-    length = (end - begin) if iter_based else math.ceil((end - begin) / unit)
+        raise ConfigError(f"{where} ({name}): end ({end}) must be greater than begin ({begin})")
+    last_step = cfg.get("last_step", -1)
+    if not isinstance(last_step, int) or last_step < -1:
+        raise ConfigError(f"{where}.last_step: expected an int >= -1, got {last_step!r}")
     try:
-        factor = factory(Span(base_lr, length, scale), **args)
-    except TypeError as exc:
-        raise ConfigError(f"{where} ({type_name(cfg['type'])}): {exc}") from exc
-    return begin, end, unit, iter_based, factor
+        rule = rule_class(**args)
+        return Scheduler(rule, param, begin, end, by_epoch, last_step, groups)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} ({name}): {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where} ({name}): {exc}") from None
 
 
-def build_lr_schedule(
-    param_scheduler: Mapping | Sequence[Mapping] | None, base_lr: float, epoch_length: int, accumulate: int = 1
-) -> Callable | None:
-    """The learning rate as a function of the optimizer's update count (``None`` without schedulers).
+@dataclass
+class Tables:
+    """Each scheduled hyperparameter's value in each param group: ``values[key][group][tick]``, a tick being an
+    iteration (or an epoch when ``per_epoch``). ``key`` is ``(name, index)``, e.g. ``("lr", None)`` or
+    ``("betas", 0)``. ``plateaus``: the schedulers fed by validation metrics."""
 
-    Schedulers count iterations; with ``accumulate`` iterations per update, update ``n`` happens at iteration
-    ``n * accumulate + accumulate - 1`` and takes that iteration's value.
+    per_epoch: bool
+    epoch_length: int
+    values: dict[tuple[str, int | None], list[list[float]]] = field(default_factory=dict)
+    plateaus: list[Scheduler] = field(default_factory=list)
+
+    def tick(self, iteration: int) -> int:
+        return iteration // self.epoch_length if self.per_epoch else iteration
+
+    def value(self, key: tuple[str, int | None], group: int, iteration: int) -> float:
+        """The value iteration ``iteration`` (0-based) trains with."""
+        column = self.values[key][group]
+        return column[min(self.tick(iteration), len(column) - 1)]
+
+    def device_tables(self, device: torch.device) -> dict[tuple[str, int | None], Tensor]:
+        """``values`` as float64 tensors of shape ``[groups, ticks]`` on ``device``."""
+        return {key: torch.tensor(v, dtype=torch.float64, device=device) for key, v in self.values.items()}
+
+    def index(self, step: Tensor, ticks: int) -> Tensor:
+        """The tick that the 0-d int64 ``step`` (iterations done) falls in, clamped to the table."""
+        tick = torch.div(step, self.epoch_length, rounding_mode="floor") if self.per_epoch else step
+        return torch.clamp(tick, 0, ticks - 1)
+
+
+def simulate(schedulers: list[Scheduler], groups: list[Group], length: TrainLength) -> Tables:
+    """Steps ``schedulers`` (built on ``groups``) through the run as MMEngine's ParamSchedulerHook does, recording
+    the values each iteration trains with."""
+    stepping = [s for s in schedulers if not isinstance(s.rule, ReduceOnPlateau)]
+    plateaus = [s for s in schedulers if isinstance(s.rule, ReduceOnPlateau)]
+    keys = list(dict.fromkeys(s.key for s in stepping))
+    for plateau in plateaus:
+        if any(s.param == plateau.param for s in stepping):
+            raise ConfigError(
+                f"ReduceOnPlateau on {plateau.param!r} together with another scheduler of {plateau.param!r}: "
+                "funceng keeps a plateau's value in the state and cannot chain it with a table; use one of them"
+            )
+    per_epoch = length.by_epoch and all(s.by_epoch for s in stepping)
+    tables = Tables(per_epoch, length.epoch_length, {k: [[] for _ in groups] for k in keys}, plateaus)
+
+    def record() -> None:
+        for name, index in keys:
+            for column, group in zip(tables.values[(name, index)], groups):
+                column.append(float(group[name] if index is None else group[name][index]))
+
+    by_iter = [s for s in stepping if not s.by_epoch]
+    by_epoch = [s for s in stepping if s.by_epoch]
+    record()
+    if per_epoch:
+        for _ in range(1, length.max_epochs):
+            for scheduler in by_epoch:
+                scheduler.step(groups)
+            record()
+    elif keys:
+        for iteration in range(1, length.max_iters):
+            for scheduler in by_iter:
+                scheduler.step(groups)
+            if length.by_epoch and iteration % length.epoch_length == 0:
+                for scheduler in by_epoch:
+                    scheduler.step(groups)
+            record()
+    return tables
+
+
+def schedule_tables(param_scheduler: Any, groups: Sequence[Group], length: TrainLength) -> Tables:
+    """The tables of ``param_scheduler`` for optimizer param groups with the hyperparameters ``groups``."""
+    groups = [dict(g) for g in groups]
+    return simulate(build_schedulers(param_scheduler, groups, length), groups, length)
+
+
+class ScheduledHyperparams:
+    """A run's hyperparameter tables for its optimizer groups, written into the state by the train step.
+
+    ``labels``: the `funceng.optim.partition` label of each group (``[None]`` for one unpartitioned group); each
+    group's optimizer is built with `funceng.optim.inject_hyperparams`, so its hyperparameters are tensors of the
+    state. `write` is the train step's ``schedule``: it indexes the tables with the step counter, in the graph.
     """
-    if not param_scheduler:
-        return None
-    cfgs = [param_scheduler] if isinstance(param_scheduler, Mapping) else list(param_scheduler)
-    parts = [_part(cfg, f"param_scheduler[{i}]", base_lr, epoch_length) for i, cfg in enumerate(cfgs)]
 
-    def schedule(update):
-        t = torch.as_tensor(update).to(torch.float64)
-        if accumulate > 1:
-            t = t * accumulate + (accumulate - 1)
-        lr = t * 0.0 + base_lr
-        for begin, end, unit, iter_based, factor in parts:
-            local = torch.clamp(t, max=end - 1) - begin
-            if not iter_based:
-                local = torch.floor(local / unit)
-            lr = lr * torch.where(t >= begin, factor(torch.clamp(local, min=0)), 1.0)
-        return lr
+    def __init__(self, tables: Tables, labels: list[str | None], device: torch.device | str | None):
+        self.tables, self.labels = tables, labels
+        self.on_device = tables.device_tables(torch.device(device) if device is not None else torch.device("cpu"))
+        self._paths: list[tuple[int, tuple[str, ...]]] | None = None
 
-    return schedule
+    @property
+    def injected(self) -> set[str]:
+        """The hyperparameter names each group's optimizer keeps in the state: ``lr`` always, and the scheduled
+        ones."""
+        return {"lr"} | {name for name, _ in self.tables.values} | {p.param for p in self.tables.plateaus}
+
+    def group_paths(self, opt_state: Any) -> list[tuple[int, tuple[str, ...]]]:
+        """``(group index, path to its hyperparams)`` in an optimizer state of this run."""
+        if self._paths is None:
+            from funceng.optim.hyperparams import find_hyperparams
+
+            found = [path for path, _ in find_hyperparams(opt_state)]
+            paths = []
+            for index, label in enumerate(self.labels):
+                matching = [path for path in found if label is None or label in path]
+                if len(matching) != 1:
+                    raise ValueError(f"param group {label!r}: expected one injected optimizer, found {matching}")
+                paths.append((index, matching[0]))
+            self._paths = paths
+        return self._paths
+
+    def write(self, step: Tensor, opt_state: Any) -> None:
+        """Sets every scheduled hyperparameter to its value at iteration ``step`` (a 0-d int64 tensor)."""
+        for index, path in self.group_paths(opt_state):
+            node = opt_state
+            for key in path:
+                node = node[key]
+            hyperparams = node["hyperparams"]
+            for (name, position), table in self.on_device.items():
+                tick = self.tables.index(step, table.shape[1]).reshape(1)
+                value = torch.index_select(table[index], 0, tick).squeeze(0)  # no host sync, no guard on the step
+                target = hyperparams[name] if position is None else hyperparams[name][position]
+                target.copy_(value)
+
+    def current_lr(self, state: Any, default: float) -> float:
+        """The first group's learning rate as the state holds it now (``default`` before there is a state)."""
+        if state is None:
+            return default
+        _, path = self.group_paths(state["opt_state"])[0]
+        node = state["opt_state"]
+        for key in path:
+            node = node[key]
+        return float(node["hyperparams"]["lr"])
+
+    def value(self, name: str = "lr", group: int = 0, iteration: int = 0, position: int | None = None) -> float | None:
+        """The scheduled value at ``iteration``, or ``None`` if no scheduler drives it."""
+        key = (name, position)
+        return self.tables.value(key, group, iteration) if key in self.tables.values else None

@@ -25,15 +25,16 @@ from funceng.runner.activation_checkpointing import apply_memory_options
 from funceng.runner.checkpointer import Checkpointer
 from funceng.runner.counters import RunnerCounters, open_message_hub
 from funceng.runner.data import build_dataloader, is_ragged
-from funceng.runner.env import RunEnvironment, default_device, open_run_log
+from funceng.runner.env import RunEnvironment, default_device, dump_config, open_run_log
 from funceng.runner.eval_loops import EvalLoop, build_eval_loop
 from funceng.runner.hooks import CheckpointHook, EMAHook, Hook, build_hooks
+from funceng.runner.hooks.plateau_hook import ReduceOnPlateauHook
 from funceng.runner.imperative_step import build_imperative_training, trains_imperatively
 from funceng.runner.log import build_log_processor
 from funceng.runner.loops import IterTimer, build_train_loop
 from funceng.runner.model_wrappers import wrap_model
 from funceng.runner.optim_wrapper import build_optimizer, config_facade, scale_lr
-from funceng.runner.param_scheduler import build_lr_schedule
+from funceng.runner.param_scheduler import train_length
 from funceng.runner.visualizer import Visualizer
 from funceng.sharding import is_sharded
 from funceng.state import TrainState
@@ -113,10 +114,7 @@ class Runner(RunnerCounters):
         self.timestamp, self.log_dir, self.logger = open_run_log(self.env, self.work_dir, log_level)
         self.experiment_name = experiment_name or self.timestamp
         self.message_hub = open_message_hub(self)
-        if self.rank == 0:  # as MMEngine: the config (empty for a Runner built in a script) beside the runs
-            self.cfg.dump(
-                self.work_dir / (Path(self.cfg.filename).name if self.cfg.filename else f"{self.timestamp}.py")
-            )
+        self.config_sha256 = dump_config(self.cfg, self.work_dir, self.log_dir, self.timestamp, self.rank == 0)
         self.log_processor = build_log_processor(log_processor, self.by_epoch)
         self.scalars = Visualizer.from_cfg(self.log_dir / "vis_data", visualizer, write=self.rank == 0)
         compat.log_ignored(self.logger)
@@ -139,6 +137,10 @@ class Runner(RunnerCounters):
         config = cfg if isinstance(cfg, Config) else Config(cfg)
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
         values = config.to_dict()
+        if "data_preprocessor" in values:  # MMEngine's: the model's, unless the model config sets its own
+            if not isinstance(values.get("model"), Mapping):
+                raise ConfigError("config: data_preprocessor applies to a model given as a dict (type=...)")
+            values["model"] = {"data_preprocessor": values.pop("data_preprocessor"), **values["model"]}
         for key in values:  # a typo of an argument; other variables (train_pipeline, data_root) are the config's own
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
             if key not in names and close:
@@ -215,17 +217,25 @@ class Runner(RunnerCounters):
         if trains_imperatively(self.model, self.optim_wrapper):
             build_imperative_training(self, loader)
             return
-        base_lr = (self.optim_wrapper.get("optimizer") or {}).get("lr", 0.0)
-        accumulate = int(self.optim_wrapper.get("accumulative_counts", 1))
-        schedule = build_lr_schedule(self.param_scheduler, base_lr, len(loader), accumulate)
-        setup = build_optimizer(self.optim_wrapper, self.model, schedule, sharded=self.sharded)
+        length = train_length(self.train_loop, loader)
+        device = next(self.model.parameters()).device
+        setup = build_optimizer(self.optim_wrapper, self.model, self.param_scheduler, length, self.sharded, device)
         self.log_frozen(setup.frozen)
+        if setup.hyperparams.tables.plateaus:  # fed by validation metrics, between steps
+            plateau = ReduceOnPlateauHook(setup.hyperparams.tables.plateaus, setup.hyperparams)
+            self.hooks = sorted([*self.hooks, plateau], key=lambda h: h.priority_value)
         self.create_state(setup.tx)
+        setup.hyperparams.group_paths(self.state["opt_state"])  # found once, before a compiled step traces
         self.train_loop.train_step = make_train_step(
-            self.model, setup.tx, compile=self.compile, amp=setup.amp, donate=True, dynamic_batch=is_ragged(loader)
+            self.model,
+            setup.tx,
+            compile=self.compile,
+            amp=setup.amp,
+            donate=True,
+            dynamic_batch=is_ragged(loader),
+            schedule=setup.hyperparams.write,
         )
-        per_iteration = schedule if accumulate == 1 else build_lr_schedule(self.param_scheduler, base_lr, len(loader))
-        facade = config_facade(self, self.optim_wrapper, per_iteration, base_lr)
+        facade = config_facade(self, self.optim_wrapper, setup.hyperparams)
         self.optim_wrapper_cfg, self.optim_wrapper = self.optim_wrapper, facade
 
     def log_frozen(self, by_lr_mult: tuple[str, ...], why: str = "paramwise_cfg lr_mult=0") -> None:
