@@ -234,7 +234,8 @@ def test_every_torch_optimizer_in_a_config_trains_like_mmengine(tmp_path, optimi
     assert_same(mm["weights"], fe["weights"])
 
 
-@pytest.mark.parametrize("optimizer", ["RAdam", "Rprop", "ASGD"])  # MMEngine 0.10 does not register Adafactor
+# MMEngine 0.10 registers no Adafactor or Muon, and torch's SparseAdam refuses a dense model's gradients
+@pytest.mark.parametrize("optimizer", ["RAdam", "Rprop", "ASGD"])
 def test_the_remaining_torch_optimizers_in_a_config_train_like_mmengine(tmp_path, optimizer):
     kwargs = {"RAdam": dict(decoupled_weight_decay=True, weight_decay=0.1), "ASGD": dict(t0=2)}
     optim_wrapper = dict(optimizer=dict(type=optimizer, lr=0.01, **kwargs.get(optimizer, {})))
@@ -242,8 +243,8 @@ def test_the_remaining_torch_optimizers_in_a_config_train_like_mmengine(tmp_path
     assert_same(mm["weights"], fe["weights"])
 
 
-def test_lbfgs_and_sparse_adam_are_refused_naming_an_alternative(tmp_path):
-    for optimizer, alternative in (("LBFGS", "closure"), ("SparseAdam", "sparse gradients")):
+def test_lbfgs_is_refused_naming_an_alternative(tmp_path):
+    for optimizer, alternative in (("LBFGS", "closure.*use Adam or SGD"),):
         kwargs = tutorials.regression_runner_kwargs(
             "funceng", tmp_path / optimizer, optim_wrapper=dict(optimizer=dict(type=optimizer, lr=0.1))
         )

@@ -15,10 +15,11 @@ from funceng.optim.base import (
     identity,
     update_in_place,
 )
-from funceng.optim.classic import asgd, rprop
+from funceng.optim.classic import asgd, rprop, sparse_adam
 from funceng.optim.constructors import DefaultOptimWrapperConstructor, MultiOptimWrapperConstructor, build_optim_wrapper
 from funceng.optim.hyperparams import inject_hyperparams
 from funceng.optim.imperative import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
+from funceng.optim.muon import muon
 from funceng.optim.transforms import (
     add_decayed_weights,
     clip_by_global_norm,
@@ -60,6 +61,7 @@ __all__ = [
     "identity",
     "inject_hyperparams",
     "masked",
+    "muon",
     "nadam",
     "negate",
     "radam",
@@ -70,6 +72,7 @@ __all__ = [
     "scale_by_learning_rate",
     "set_to_zero",
     "sgd",
+    "sparse_adam",
     "trace",
     "update_in_place",
 ]

@@ -1,4 +1,5 @@
-"""``torch.optim``'s Rprop (sign-based steps) and ASGD (averaged SGD), with torch's argument names and defaults.
+"""``torch.optim``'s Rprop (sign-based steps), ASGD (averaged SGD) and SparseAdam (lazy Adam), with torch's
+argument names and defaults.
 Each docstring gives the update for one parameter ``p`` with gradient ``g`` (negated first with ``maximize``)."""
 
 from __future__ import annotations
@@ -107,6 +108,55 @@ def asgd(
         t = state["count"].to(torch.float64)
         state["eta"].copy_(lr / torch.pow(1 + lambd * lr * t, alpha))
         state["mu"].copy_(1 / torch.clamp(t - t0, min=1.0))
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def sparse_adam(
+    lr: Hyper = 1e-3,
+    betas: tuple[Hyper, Hyper] = (0.9, 0.999),
+    eps: float = 1e-8,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """``torch.optim.SparseAdam`` (lazy Adam): Adam's moments and step at the entries where the gradient is
+    present, the others untouched. funceng's gradients are dense, so "present" means non-zero: where torch's
+    sparse gradient (an ``nn.Embedding(sparse=True)``'s) stores an explicit zero, funceng skips the entry."""
+    b1, b2 = betas
+
+    def init(params: Params) -> OptState:
+        return {
+            "count": scalar(0, first_param(params), torch.int64),
+            "exp_avg": zeros(params),
+            "exp_avg_sq": zeros(params),
+        }
+
+    def update(updates: Updates, state: OptState, params: Params | None = None):
+        if not updates:
+            return updates, state
+        grads = values(updates)
+        if maximize:
+            torch._foreach_neg_(grads)
+        exp_avg, exp_avg_sq = values(state["exp_avg"]), values(state["exp_avg_sq"])
+        present = [(g != 0).to(g.dtype) for g in grads]
+        state["count"].add_(1)
+        t = state["count"].to(torch.float64)
+        delta = torch._foreach_sub(grads, exp_avg)  # m <- m + (1-b1)(g - m) where present
+        torch._foreach_mul_(delta, 1 - b1)
+        torch._foreach_mul_(delta, present)
+        torch._foreach_add_(exp_avg, delta)
+        delta = torch._foreach_mul(grads, grads)  # v <- v + (1-b2)(g^2 - v) where present
+        torch._foreach_sub_(delta, exp_avg_sq)
+        torch._foreach_mul_(delta, 1 - b2)
+        torch._foreach_mul_(delta, present)
+        torch._foreach_add_(exp_avg_sq, delta)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_add_(denom, eps)
+        step_size = lr * torch.sqrt(1 - torch.pow(b2, t)) / (1 - torch.pow(b1, t))
+        torch._foreach_copy_(grads, exp_avg)
+        torch._foreach_div_(grads, denom)
+        torch._foreach_mul_(grads, present)
+        torch._foreach_mul_(grads, -step_size)
         return updates, state
 
     return GradientTransformation(init, update)

@@ -32,6 +32,8 @@ TORCH_OPTIMIZERS = {
     "Rprop": optim.rprop,
     "ASGD": optim.asgd,
     "Adafactor": optim.adafactor,
+    "SparseAdam": optim.sparse_adam,
+    "Muon": optim.muon,
 }
 for _name, _factory in TORCH_OPTIMIZERS.items():
     OPTIMIZERS.register(_factory, name=_name)
@@ -42,8 +44,6 @@ IMPLEMENTATION_OPTIONS = {"foreach", "fused", "capturable", "differentiable"}
 REFUSED_OPTIMIZERS = {
     "LBFGS": "it re-evaluates the loss through a closure several times per step, which a pure (state, batch) step "
     "cannot do; use Adam or SGD, or train imperatively with an overridden train_step",
-    "SparseAdam": "it needs sparse gradients, and funceng's gradients (torch.func.grad) are dense; use Adam",
-    "Muon": "funceng has no Muon yet; use AdamW",
 }
 WRAPPER_KEYS = {"type", "optimizer", "clip_grad", "accumulative_counts", "dtype", "paramwise_cfg", "loss_scale"}
 WRAPPER_KEYS |= {"constructor"}  # "DefaultOptimWrapperConstructor" here; others build wrapper objects
