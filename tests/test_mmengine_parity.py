@@ -53,6 +53,20 @@ SCHEDULER_CASES = {
     "cosine restarts by iteration": [
         dict(type="CosineRestartLR", periods=[4, 7], restart_weights=[1, 0.5], eta_min_ratio=0.1, by_epoch=False)
     ],
+    "constant with begin": [dict(type="ConstantLR", factor=0.2, begin=1, end=3)],
+    "linear decaying to end_factor": [dict(type="LinearLR", start_factor=1.0, end_factor=0.1, by_epoch=False)],
+    "poly square root": [dict(type="PolyLR", power=0.5, eta_min=0.01, by_epoch=False, end=12)],
+    "multistep by iteration": [dict(type="MultiStepLR", milestones=[2, 5, 9], gamma=0.5, by_epoch=False)],
+    "step converted": [dict(type="StepLR", step_size=1, gamma=0.7, convert_to_iter_based=True)],
+    "exponential window": [dict(type="ExponentialLR", gamma=0.8, by_epoch=False, begin=3, end=8)],
+    "cosine T_max beyond end": [dict(type="CosineAnnealingLR", T_max=20, by_epoch=False, end=10)],
+    "cosine restarts past its periods": [dict(type="CosineRestartLR", periods=[3], eta_min=0.01, by_epoch=False)],
+    "one cycle explicit total_steps": [dict(type="OneCycleLR", eta_max=0.3, total_steps=15, by_epoch=False)],
+    "three chained: warmup, cosine, step": [
+        dict(type="LinearLR", start_factor=0.01, by_epoch=False, end=3),
+        dict(type="CosineAnnealingLR", eta_min=0.001, by_epoch=False, begin=3),
+        dict(type="StepLR", step_size=2, gamma=0.9),
+    ],
     "last_step of a later scheduler": [
         dict(type="PolyLR", eta_min=0.001, by_epoch=False, begin=2, end=9),
         dict(type="StepLR", step_size=1, last_step=1),
@@ -85,7 +99,7 @@ OPTIMIZERS = {
 }
 
 
-def mmengine_values(cfgs, optimizer: str, key, groups: int = 1) -> list[list[float]]:
+def mmengine_values(cfgs, optimizer: str, key, groups: int = 1, epoch_loop: bool = True) -> list[list[float]]:
     """MMEngine's value of ``key`` in each param group at each iteration, stepping the schedulers as its
     ParamSchedulerHook does (iteration-based ones after every iteration, epoch-based ones after every epoch)."""
     from mmengine.optim import OptimWrapper
@@ -96,7 +110,8 @@ def mmengine_values(cfgs, optimizer: str, key, groups: int = 1) -> list[list[flo
     schedulers = []
     for cfg in cfgs:
         cfg = dict(cfg)
-        default_end = MAX_EPOCHS if cfg.get("by_epoch", True) else MAX_EPOCHS * EPOCH_LENGTH
+        max_epochs = MAX_EPOCHS if epoch_loop else 1  # MMEngine's IterBasedTrainLoop says 1
+        default_end = max_epochs if cfg.get("by_epoch", True) else MAX_EPOCHS * EPOCH_LENGTH
         cfg.setdefault("end", default_end)  # as Runner.build_param_scheduler
         schedulers.append(
             mmengine_schedulers.build(cfg, default_args=dict(optimizer=wrapper, epoch_length=EPOCH_LENGTH))
@@ -108,14 +123,14 @@ def mmengine_values(cfgs, optimizer: str, key, groups: int = 1) -> list[list[flo
         for scheduler in schedulers:
             if not scheduler.by_epoch:
                 scheduler.step()
-        if (iteration + 1) % EPOCH_LENGTH == 0:
+        if epoch_loop and (iteration + 1) % EPOCH_LENGTH == 0:  # an iteration-based loop has no epoch ends
             for scheduler in schedulers:
                 if scheduler.by_epoch:
                     scheduler.step()
     return values
 
 
-def funceng_values(cfgs, optimizer: str, key, groups: int = 1) -> list[list[float]]:
+def funceng_values(cfgs, optimizer: str, key, groups: int = 1, epoch_loop: bool = True) -> list[list[float]]:
     import inspect
 
     defaults = {
@@ -124,7 +139,7 @@ def funceng_values(cfgs, optimizer: str, key, groups: int = 1) -> list[list[floa
         if p.default is not inspect.Parameter.empty
     }
     hyper = [{**defaults, **OPTIMIZERS[optimizer], "lr": 0.1 * (i + 1)} for i in range(groups)]
-    length = TrainLength(EPOCH_LENGTH, EPOCH_LENGTH * MAX_EPOCHS, MAX_EPOCHS, True)
+    length = TrainLength(EPOCH_LENGTH, EPOCH_LENGTH * MAX_EPOCHS, MAX_EPOCHS if epoch_loop else 1, epoch_loop)
     tables = schedule_tables(cfgs, hyper, length)
     return [[tables.value(key, g, i) for i in range(length.max_iters)] for g in range(groups)]
 
@@ -133,6 +148,26 @@ def funceng_values(cfgs, optimizer: str, key, groups: int = 1) -> list[list[floa
 def test_lr_schedulers_give_mmengines_values_bit_for_bit(cfgs):
     for groups in (1, 2):  # a second group with another base lr: eta_min stays absolute
         assert funceng_values(cfgs, "SGD", ("lr", None), groups) == mmengine_values(cfgs, "SGD", ("lr", None), groups)
+
+
+ITERATION_LOOP_CASES = {  # an IterBasedTrainLoop: iteration-based or converted schedulers
+    name: cfgs
+    for name, cfgs in SCHEDULER_CASES.items()
+    if all(not c.get("by_epoch", True) or c.get("convert_to_iter_based") for c in cfgs)
+}
+
+
+@pytest.mark.parametrize("cfgs", list(ITERATION_LOOP_CASES.values()), ids=list(ITERATION_LOOP_CASES))
+def test_lr_schedulers_in_an_iteration_based_loop_give_mmengines_values(cfgs):
+    key = ("lr", None)
+    try:
+        expected = mmengine_values(cfgs, "SGD", key, epoch_loop=False)
+    except ValueError as exc:  # e.g. end defaults to max_epochs = 1 epoch, before begin: MMEngine refuses too
+        with pytest.raises(ConfigError, match="must be greater than begin"):
+            funceng_values(cfgs, "SGD", key, epoch_loop=False)
+        assert "end should be larger than begin" in str(exc)
+        return
+    assert funceng_values(cfgs, "SGD", key, epoch_loop=False) == expected
 
 
 @pytest.mark.parametrize("optimizer, key, cfgs", list(PARAM_CASES.values()), ids=list(PARAM_CASES))
@@ -399,3 +434,121 @@ def test_a_run_with_schedules_and_accumulation_stopped_and_resumed_ends_bitwise_
     assert len(_logged(tmp_path / "stopped", "lr")) == 10  # the resumed run trained epochs 3 and 4 only
     assert not torch.equal(halfway["net.0.weight"], resumed["net.0.weight"])
     assert_same(whole, resumed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_hooks_read_the_scheduled_lr_and_momentum_like_mmengine(tmp_path, optimizer):
+    seen = {}
+    for pkg in BOTH:
+        Hook = import_module(f"{pkg}.hooks").Hook
+
+        class Reader(Hook):
+            calls: list = []  # noqa: RUF012 (a class attribute: hooks given as objects may be copied)
+
+            def record(self, runner):
+                wrapper = runner.optim_wrapper
+                self.calls.append((wrapper.get_lr()["lr"][0], wrapper.get_momentum()["momentum"][0]))
+
+            def before_train_iter(self, runner, batch_idx, data_batch=None):
+                self.record(runner)
+
+            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                self.record(runner)
+
+        kwargs = tutorials.regression_runner_kwargs(
+            pkg,
+            tmp_path / pkg,
+            custom_hooks=[Reader()],
+            optim_wrapper=dict(
+                optimizer=dict(type=optimizer, lr=0.05, **({"momentum": 0.9} if optimizer == "SGD" else {}))
+            ),
+            param_scheduler=[
+                dict(type="CosineAnnealingMomentum", eta_min=0.5, by_epoch=False),
+                dict(type="LinearLR", start_factor=0.25, by_epoch=False, end=4),
+            ],
+        )
+        runner_class(pkg)(**kwargs).train()
+        seen[pkg] = Reader.calls
+    assert len(seen["funceng"]) == 12
+    assert seen["funceng"] == seen["mmengine"]  # the same floats: tables of MMEngine's own arithmetic
+
+
+def test_optimizer_wrapper_objects_follow_schedules_like_mmengine(tmp_path):
+    trained = {}
+    for pkg in BOTH:
+        torch.manual_seed(0)
+        model = tutorials.regression_model(pkg)()
+        sgd = torch.optim.SGD(
+            [{"params": model.net[0].parameters()}, {"params": model.net[2].parameters(), "lr": 0.02}],
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=0.01,
+        )
+        wrapper = import_module(f"{pkg}.optim").OptimWrapper(optimizer=sgd, accumulative_counts=2)
+        kwargs = tutorials.regression_runner_kwargs(
+            pkg,
+            tmp_path / pkg,
+            model=model,
+            optim_wrapper=wrapper,
+            param_scheduler=[
+                dict(type="CosineAnnealingLR", eta_min=0.005, by_epoch=False),
+                dict(type="StepMomentum", step_size=1, gamma=0.9),
+            ],
+            train_cfg=dict(by_epoch=True, max_epochs=3, val_interval=1),  # 9 iterations: a last window of 1
+        )
+        runner = runner_class(pkg)(**kwargs)
+        runner.train()
+        trained[pkg] = tutorials.weights(runner.model)
+    assert_same(trained["mmengine"], trained["funceng"])
+
+
+def _plateau_run(work_dir, stop_after_epoch=None, resume=False):
+    from funceng.hooks import Hook
+
+    class StopAfter(Hook):
+        def after_train_epoch(self, runner):
+            if stop_after_epoch is not None and runner.epoch + 1 == stop_after_epoch:
+                runner.stop_training = True
+
+    kwargs = tutorials.regression_runner_kwargs(
+        "funceng",
+        work_dir,
+        resume=resume,
+        custom_hooks=[StopAfter()],
+        param_scheduler=[dict(type="ReduceOnPlateauLR", monitor="mse", patience=0, factor=0.5)],
+        train_cfg=dict(by_epoch=True, max_epochs=4, val_interval=1),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=2.0)),  # diverges: every validation lowers the lr
+    )
+    runner = runner_class("funceng")(**kwargs)
+    runner.train()
+    return tutorials.weights(runner.model), runner
+
+
+def test_a_resumed_run_runs_the_validation_its_checkpoint_preceded_so_plateau_state_continues_exactly(tmp_path):
+    whole, _ = _plateau_run(tmp_path / "whole")
+    _plateau_run(tmp_path / "stopped", stop_after_epoch=2)  # epoch_2 is written before epoch 2's validation
+    resumed, runner = _plateau_run(tmp_path / "stopped", resume=True)
+    assert_same(whole, resumed, rtol=0, atol=0)
+    log = next(runner.log_dir.glob("*.log")).read_text()
+    assert "Resumed at epoch 2: ran its validation, which the checkpoint preceded" in log
+
+
+def test_an_iteration_based_runner_with_converted_and_iteration_schedules_trains_like_mmengine(tmp_path):
+    schedulers = [
+        dict(type="LinearLR", start_factor=0.2, by_epoch=False, end=3),
+        dict(type="CosineAnnealingLR", eta_min=0.01, by_epoch=False, begin=3),  # end: max_iters
+        dict(type="StepLR", step_size=1, gamma=0.8, convert_to_iter_based=True, end=2),  # epochs of 3 iterations
+    ]
+    mm, fe = _side_by_side(
+        tmp_path,
+        param_scheduler=schedulers,
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=10, val_interval=100),
+        default_hooks=dict(
+            logger=dict(type="LoggerHook", interval=1),
+            checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=5),
+        ),
+        log_processor=dict(by_epoch=False),
+    )
+    assert len(fe["lr"]) == 10 and fe["lr"] == pytest.approx(mm["lr"], rel=1e-6)
+    assert_same(mm["weights"], fe["weights"])

@@ -208,3 +208,27 @@ def test_invalid_options_are_rejected():
         funceng.make_train_step(model, optim.sgd(0.1), cross_entropy, compile="yes")
     with pytest.raises(ValueError, match="Nesterov"):
         optim.sgd(0.1, nesterov=True)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_schedule_follows_the_iteration_through_an_fp16_skipped_step(compile, fresh_dynamo):
+    from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables
+
+    model = mlp_with_batchnorm()
+    length = TrainLength(epoch_length=4, max_iters=4, max_epochs=1, by_epoch=False)
+    tables = schedule_tables([dict(type="LinearLR", start_factor=0.25, by_epoch=False)], [dict(lr=0.1)], length)
+    hyperparams = ScheduledHyperparams(tables, [None], "cpu")
+    tx = optim.inject_hyperparams(optim.sgd, ["lr"])(lr=0.1)
+    state = funceng.TrainState.create(model, tx)
+    hyperparams.group_paths(state["opt_state"])
+    step = funceng.make_train_step(
+        model, tx, _loss_times_factor, compile=compile, amp="fp16", schedule=hyperparams.write
+    )
+    x, y = batch()
+    lrs = []
+    for factor in (1.0, float("inf"), 1.0, 1.0):
+        before = state["params"]["0.weight"].clone()
+        state, metrics = step(state, (x, y, torch.tensor(factor)))
+        lrs.append(metrics["lr"].item())
+        assert torch.equal(before, state["params"]["0.weight"]) == (factor != 1.0)  # the inf step is skipped
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1])  # ... but the lr moved on, as MMEngine's does

@@ -34,10 +34,11 @@ AMP_DTYPES = {
 
 class BoundUpdate:
     """What a bound wrapper's ``step`` does: ``update(named grads)`` applies the functional optimizer to the
-    state; ``lrs()`` are the current learning rates of the wrapper's groups; ``groups`` their hyperparameters."""
+    state; ``current()`` are the current values of the wrapper's groups' scheduled hyperparameters (``lr``,
+    ``momentum``, ``betas``, ...), one dict per group; ``groups`` their configured hyperparameters."""
 
-    def __init__(self, names: list[str], update: Callable[[dict], None], lrs: Callable[[], list[float]], groups):
-        self.names, self.update, self.lrs, self.groups = names, update, lrs, groups
+    def __init__(self, names: list[str], update: Callable[[dict], None], current: Callable[[], list[dict]], groups):
+        self.names, self.update, self.current, self.groups = names, update, current, groups
 
 
 class ReadOnlyGroup(dict):
@@ -61,7 +62,7 @@ class _GroupsView:
 
     @property
     def param_groups(self) -> list[ReadOnlyGroup]:
-        return [ReadOnlyGroup({**g, "lr": lr}) for g, lr in zip(self._bound.groups, self._bound.lrs())]
+        return [ReadOnlyGroup({**g, **now}) for g, now in zip(self._bound.groups, self._bound.current())]
 
     def step(self, closure=None):
         raise TypeError("optim_wrapper.optimizer.step(): call optim_wrapper.step() (or update_params(loss))")

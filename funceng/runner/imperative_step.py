@@ -111,7 +111,7 @@ class WrapperOptimizer:
                 BoundUpdate(
                     names,
                     lambda grads, labels=labels, wname=wname: self._update(runner.state, grads, labels, wname),
-                    lambda runner=runner, wname=wname: self._lrs(runner, wname),
+                    lambda runner=runner, wname=wname: self._current(runner, wname),
                     [g for _, g in self.groups[wname]],
                 ),
             )
@@ -132,12 +132,9 @@ class WrapperOptimizer:
                 updates = optim.update_in_place(self.transforms[label], {n: grads[n] for n in names}, opt_state, params)
                 optim.apply_updates(params, updates)
 
-    def _lrs(self, runner: Any, wname: str) -> list[float]:
-        step, hyperparams = runner.lr_step(), self.hyperparams[wname]
-        return [
-            hyperparams.value("lr", index, step) if hyperparams.value("lr", index, step) is not None else group["lr"]
-            for index, (_, group) in enumerate(self.groups[wname])
-        ]
+    def _current(self, runner: Any, wname: str) -> list[dict]:
+        hyperparams, step = self.hyperparams[wname], runner.lr_step()
+        return [hyperparams.group_values(runner.state, index, step) for index in range(len(self.groups[wname]))]
 
 
 def _schedulers_of(param_scheduler: Any, wrapper: str, wrappers: list[str]) -> Any:

@@ -114,6 +114,7 @@ class TrainLoop:
         self.signals: StopSignals | None = None
         self._epoch_start_rng: dict[str, Any] = {}
         self._resume_point: dict[str, Any] | None = None
+        self.validated = -1  # the epoch (or iteration) count whose validation ran last
 
     @property
     def max_iters(self) -> int:
@@ -194,7 +195,21 @@ class TrainLoop:
             and (count % self.val_interval == 0 or count == last)
         ):
             self.check_finite()
+            self.validated = count
             self.runner.val_loop.run()
+
+    def validate_if_skipped(self, count: int, last: int) -> None:
+        """After a resume from a checkpoint written before its validation ran (an epoch's checkpoint is written
+        before that epoch's validation): runs that validation now, so that what it feeds (ReduceOnPlateau,
+        early stopping, the best checkpoint) continues as in the uninterrupted run."""
+        point = self._resume_point
+        if point is None or count == 0 or self.validated == count or (self.by_epoch and point["batch"]):
+            return
+        unit = "epoch" if self.by_epoch else "iteration"
+        before = self.validated
+        self.validate_if_due(count, last)
+        if self.validated != before:
+            self.runner.logger.info(f"Resumed at {unit} {count}: ran its validation, which the checkpoint preceded")
 
     def train_pass(self) -> Iterable[tuple[int, Any]]:
         """``(batch_idx, batch)`` over one pass of the loader; after a resume, from the saved position."""
@@ -232,11 +247,13 @@ class TrainLoop:
             "samples": self.batches_done * self.global_batch_size(),
             "rng": rng.capture_global(self.dataloader),
             "rng_epoch_start": self._epoch_start_rng,
+            "validated": self.validated,
         }
 
     def restore(self, position: Mapping[str, Any]) -> None:
         """Continues from a `position` of this run, possibly written by a different number of ranks."""
         self.epoch, self.iter = int(position["epoch"]), int(position["iter"])
+        self.validated = int(position.get("validated", -1))
         self.batches_done = self._resumed_batches(position)
         self._resume_point = {
             "batch": self.batches_done,
@@ -285,6 +302,7 @@ class EpochBasedTrainLoop(TrainLoop):
         return f"epoch {(iteration - 1) // per_epoch + 1}, batch {(iteration - 1) % per_epoch + 1}"
 
     def run_loop(self) -> None:
+        self.validate_if_skipped(self.epoch, self.max_epochs)
         while self.epoch < self.max_epochs and not self.stop_training:
             self.runner.call_hook("before_train_epoch")
             for batch_idx, batch in self.train_pass():
@@ -318,6 +336,7 @@ class IterBasedTrainLoop(TrainLoop):
         return self._max_iters
 
     def run_loop(self) -> None:
+        self.validate_if_skipped(self.iter, self.max_iters)
         self.runner.call_hook("before_train_epoch")
         while self.iter < self.max_iters and not self.stop_training:
             for batch_idx, batch in self.train_pass():

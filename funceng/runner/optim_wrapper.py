@@ -233,7 +233,8 @@ def scale_lr(
 
 def config_facade(runner: Any, cfg: Mapping[str, Any], hyperparams: ScheduledHyperparams) -> OptimWrapper:
     """``runner.optim_wrapper`` after a config built the pure step: an `OptimWrapper` that hooks can read
-    (``get_lr()``: the scheduled lr of the first group at the hooks' iteration; ``optimizer.param_groups``) but
+    (``get_lr()``, ``get_momentum()``: the first group's scheduled values at the hooks' iteration;
+    ``optimizer.param_groups``) but
     not step, since the compiled train step updates the state itself."""
 
     def refuse(grads):
@@ -242,14 +243,11 @@ def config_facade(runner: Any, cfg: Mapping[str, Any], hyperparams: ScheduledHyp
             "yourself, override BaseModel.train_step(data, optim_wrapper)"
         )
 
-    base_lr = (cfg.get("optimizer") or {}).get("lr", 0.0)
-
-    def lrs() -> list[float]:
-        scheduled = hyperparams.value("lr", 0, runner.lr_step())
-        return [float(scheduled if scheduled is not None else hyperparams.current_lr(runner.state, base_lr))]
+    def current() -> list[dict]:
+        return [hyperparams.group_values(runner.state, 0, runner.lr_step())]
 
     group = {k: v for k, v in (cfg.get("optimizer") or {}).items() if k != "type"}
     facade = OptimWrapper(accumulative_counts=int(cfg.get("accumulative_counts", 1)))
     names = [n for n, p in runner.model.named_parameters() if p.requires_grad]
-    facade.bind(runner.model, BoundUpdate(names, refuse, lrs, [group]))
+    facade.bind(runner.model, BoundUpdate(names, refuse, current, [group]))
     return facade

@@ -271,15 +271,23 @@ class ScheduledHyperparams:
                 target = hyperparams[name] if position is None else hyperparams[name][position]
                 target.copy_(value)
 
-    def current_lr(self, state: Any, default: float) -> float:
-        """The first group's learning rate as the state holds it now (``default`` before there is a state)."""
+    def group_values(self, state: Any, group: int, iteration: int) -> dict[str, Any]:
+        """Group ``group``'s hyperparameters at ``iteration``: the tables' values, the others as the state holds
+        them now (a plateau's); ``{}`` before there is a state."""
         if state is None:
-            return default
-        _, path = self.group_paths(state["opt_state"])[0]
+            return {}
+        _, path = self.group_paths(state["opt_state"])[group]
         node = state["opt_state"]
         for key in path:
             node = node[key]
-        return float(node["hyperparams"]["lr"])
+        values = {name: tuple(v.tolist()) if v.ndim else v.item() for name, v in node["hyperparams"].items()}
+        for (name, position), _ in self.tables.values.items():
+            value = self.tables.value((name, position), group, iteration)
+            if position is None:
+                values[name] = value
+            else:
+                values[name] = tuple(value if i == position else v for i, v in enumerate(values[name]))
+        return values
 
     def value(self, name: str = "lr", group: int = 0, iteration: int = 0, position: int | None = None) -> float | None:
         """The scheduled value at ``iteration``, or ``None`` if no scheduler drives it."""
