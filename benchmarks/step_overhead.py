@@ -1,4 +1,5 @@
-"""Per-step time: plain eager torch.optim loop vs funceng eager vs funceng compiled, side by side.
+"""Per-step time: plain eager torch.optim loop vs funceng eager vs funceng compiled, side by side; and funceng
+with MMEngine-style schedules (warm-up + cosine lr, cosine momentum) read from the state, eager and compiled.
 
     python benchmarks/step_overhead.py [--windows 15] [--steps 50]
 
@@ -57,6 +58,29 @@ class FuncengLoop:
         return metrics["loss"]
 
 
+class ScheduledLoop(FuncengLoop):
+    """As `FuncengLoop`, with the lr and momentum in the state, set at every step from MMEngine-style schedules
+    (the Runner's path: `funceng.optim.inject_hyperparams` and a table-reading ``schedule``)."""
+
+    def __init__(self, model: nn.Module, batch, compile: bool, iterations: int = 10_000):
+        from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables
+
+        schedulers = [
+            dict(type="LinearLR", start_factor=0.1, by_epoch=False, end=500),
+            dict(type="CosineAnnealingLR", eta_min=1e-4, by_epoch=False, begin=500),
+            dict(type="CosineAnnealingMomentum", eta_min=0.8, by_epoch=False),
+        ]
+        length = TrainLength(iterations, iterations, 1, by_epoch=False)
+        tables = schedule_tables(schedulers, [dict(lr=0.01, momentum=0.9, dampening=0.0)], length)
+        device = next(model.parameters()).device
+        hyperparams = ScheduledHyperparams(tables, [None], device)
+        tx = optim.inject_hyperparams(optim.sgd, ["lr", "momentum"])(lr=0.01, momentum=0.9)
+        self.batch = batch
+        self.state = funceng.TrainState.create(model, tx)
+        hyperparams.group_paths(self.state["opt_state"])
+        self.step = funceng.make_train_step(model, tx, loss_fn, compile=compile, schedule=hyperparams.write)
+
+
 def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
@@ -66,6 +90,8 @@ def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
         "plain eager torch.optim": PlainLoop(copy.deepcopy(base), batch),
         "funceng eager": FuncengLoop(copy.deepcopy(base), batch, compile=False),
         "funceng compiled": FuncengLoop(copy.deepcopy(base), batch, compile=True),
+        "funceng eager, scheduled lr + momentum": ScheduledLoop(copy.deepcopy(base), batch, compile=False),
+        "funceng compiled, scheduled lr + momentum": ScheduledLoop(copy.deepcopy(base), batch, compile=True),
     }
     for run in systems.values():  # warm-up, compilation included
         for _ in range(steps):

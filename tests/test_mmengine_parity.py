@@ -395,21 +395,26 @@ def test_a_schedule_written_into_the_state_never_recompiles_the_step(tmp_path, f
     assert not counters["graph_break"]
 
 
-def _scheduled_accumulating_run(work_dir, stop_after_epoch=None, resume=False, compile=False):
-    """4 epochs of 5 iterations, windows of 3 (the last one of 2), with lr, momentum and weight decay schedules."""
+def _stop_after(epoch: int | None):
+    """A hook that stops training after ``epoch`` epochs (never with ``None``), as a scheduler's job would."""
     from funceng.hooks import Hook
 
     class StopAfter(Hook):
         def after_train_epoch(self, runner):
-            if stop_after_epoch is not None and runner.epoch + 1 == stop_after_epoch:
+            if epoch is not None and runner.epoch + 1 == epoch:
                 runner.stop_training = True
 
+    return StopAfter()
+
+
+def _scheduled_accumulating_run(work_dir, stop_after_epoch=None, resume=False, compile=False):
+    """4 epochs of 5 iterations, windows of 3 (the last one of 2), with lr, momentum and weight decay schedules."""
     kwargs = tutorials.regression_runner_kwargs(
         "funceng",
         work_dir,
         compile=compile,
         resume=resume,
-        custom_hooks=[StopAfter()],
+        custom_hooks=[_stop_after(stop_after_epoch)],
         train_cfg=dict(by_epoch=True, max_epochs=4, val_interval=1),
         optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=0.01), accumulative_counts=3),
         param_scheduler=[
@@ -503,18 +508,11 @@ def test_optimizer_wrapper_objects_follow_schedules_like_mmengine(tmp_path):
 
 
 def _plateau_run(work_dir, stop_after_epoch=None, resume=False):
-    from funceng.hooks import Hook
-
-    class StopAfter(Hook):
-        def after_train_epoch(self, runner):
-            if stop_after_epoch is not None and runner.epoch + 1 == stop_after_epoch:
-                runner.stop_training = True
-
     kwargs = tutorials.regression_runner_kwargs(
         "funceng",
         work_dir,
         resume=resume,
-        custom_hooks=[StopAfter()],
+        custom_hooks=[_stop_after(stop_after_epoch)],
         param_scheduler=[dict(type="ReduceOnPlateauLR", monitor="mse", patience=0, factor=0.5)],
         train_cfg=dict(by_epoch=True, max_epochs=4, val_interval=1),
         optim_wrapper=dict(optimizer=dict(type="SGD", lr=2.0)),  # diverges: every validation lowers the lr

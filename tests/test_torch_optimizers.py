@@ -11,23 +11,9 @@ from torch.testing._internal import common_optimizers  # noqa: E402 (needs expec
 
 from funceng import optim
 from funceng.optim.hyperparams import inject_hyperparams
+from funceng.runner.optim_wrapper import TORCH_OPTIMIZERS
 
-FACTORIES = {
-    "SGD": optim.sgd,
-    "Adam": optim.adam,
-    "AdamW": optim.adamw,
-    "Adagrad": optim.adagrad,
-    "RMSprop": optim.rmsprop,
-    "Adadelta": optim.adadelta,
-    "Adamax": optim.adamax,
-    "NAdam": optim.nadam,
-    "RAdam": optim.radam,
-    "Rprop": optim.rprop,
-    "ASGD": optim.asgd,
-    "Adafactor": optim.adafactor,
-    "SparseAdam": optim.sparse_adam,
-    "Muon": optim.muon,
-}
+FACTORIES = TORCH_OPTIMIZERS  # what a config's optimizer=dict(type=...) names, tested here against torch
 STEPS = 30
 
 

@@ -12,29 +12,25 @@ import torch
 from torch import Tensor
 
 from funceng.optim import arith
-from funceng.optim.base import GradientTransformation, OptState, Params, Updates, first_param, scalar, values
+from funceng.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    first_param,
+    prepare_gradients,
+    scalar,
+    step_count,
+    torch_scalar_dtype,
+    values,
+)
 from funceng.optim.base import zeros_like as zeros
-from funceng.optim.classic import torch_scalar_dtype
 
 Hyper = float | Tensor
 
 
-def _start(updates: Updates, params: Params, weight_decay: Hyper, maximize: bool) -> list[Tensor]:
-    """The gradients, negated with ``maximize`` and with L2 decay added, in place."""
-    grads = values(updates)
-    if maximize:
-        torch._foreach_neg_(grads)
-    if arith.is_set(weight_decay):
-        arith.add_(grads, [params[n] for n in updates], weight_decay)
-    return grads
-
-
 def _filled(params: Params, value: float) -> dict[str, Tensor]:
     return {n: torch.full_like(p, value) for n, p in params.items()}
-
-
-def _count(params: Params) -> Tensor:
-    return scalar(0, first_param(params), torch.int64)
 
 
 def adagrad(
@@ -48,12 +44,12 @@ def adagrad(
     """``torch.optim.Adagrad``: ``s <- s + g^2``; ``p <- p - lr / (1 + (t-1) lr_decay) * g / (sqrt(s) + eps)``."""
 
     def init(params: Params) -> OptState:
-        return {"count": _count(params), "sum": _filled(params, initial_accumulator_value)}
+        return {"count": step_count(params), "sum": _filled(params, initial_accumulator_value)}
 
     def update(updates: Updates, state: OptState, params: Params):
         if not updates:
             return updates, state
-        grads, sums = _start(updates, params, weight_decay, maximize), values(state["sum"])
+        grads, sums = prepare_gradients(updates, params, weight_decay, maximize), values(state["sum"])
         state["count"].add_(1)
         clr = lr / (1 + (state["count"].to(torch.float64) - 1) * lr_decay)
         torch._foreach_addcmul_(sums, grads, grads)
@@ -81,7 +77,7 @@ def rmsprop(
     with_momentum = arith.is_set(momentum)
 
     def init(params: Params) -> OptState:
-        state = {"count": _count(params), "square_avg": zeros(params)}
+        state = {"count": step_count(params), "square_avg": zeros(params)}
         if centered:
             state["grad_avg"] = zeros(params)
         if with_momentum:
@@ -91,7 +87,7 @@ def rmsprop(
     def update(updates: Updates, state: OptState, params: Params):
         if not updates:
             return updates, state
-        grads, square_avg = _start(updates, params, weight_decay, maximize), values(state["square_avg"])
+        grads, square_avg = prepare_gradients(updates, params, weight_decay, maximize), values(state["square_avg"])
         state["count"].add_(1)
         torch._foreach_mul_(square_avg, alpha)
         torch._foreach_addcmul_(square_avg, grads, grads, value=1 - alpha)
@@ -123,12 +119,12 @@ def adadelta(
     ``a <- rho a + (1-rho) d^2``, ``p <- p - lr d``."""
 
     def init(params: Params) -> OptState:
-        return {"count": _count(params), "square_avg": zeros(params), "acc_delta": zeros(params)}
+        return {"count": step_count(params), "square_avg": zeros(params), "acc_delta": zeros(params)}
 
     def update(updates: Updates, state: OptState, params: Params):
         if not updates:
             return updates, state
-        grads = _start(updates, params, weight_decay, maximize)
+        grads = prepare_gradients(updates, params, weight_decay, maximize)
         square_avg, acc_delta = values(state["square_avg"]), values(state["acc_delta"])
         state["count"].add_(1)
         torch._foreach_mul_(square_avg, rho)
@@ -160,12 +156,12 @@ def adamax(
     b1, b2 = betas
 
     def init(params: Params) -> OptState:
-        return {"count": _count(params), "exp_avg": zeros(params), "exp_inf": zeros(params)}
+        return {"count": step_count(params), "exp_avg": zeros(params), "exp_inf": zeros(params)}
 
     def update(updates: Updates, state: OptState, params: Params):
         if not updates:
             return updates, state
-        grads = _start(updates, params, weight_decay, maximize)
+        grads = prepare_gradients(updates, params, weight_decay, maximize)
         exp_avg, exp_inf = values(state["exp_avg"]), values(state["exp_inf"])
         state["count"].add_(1)
         arith.lerp_(exp_avg, grads, 1 - b1)
@@ -199,7 +195,7 @@ def nadam(
     def init(params: Params) -> OptState:
         like = first_param(params)
         return {
-            "count": _count(params),
+            "count": step_count(params),
             "mu_product": scalar(1.0, like, torch_scalar_dtype()),  # torch's dtype, so its rounding too
             "exp_avg": zeros(params),
             "exp_avg_sq": zeros(params),
@@ -209,7 +205,7 @@ def nadam(
         if not updates:
             return updates, state
         decay = weight_decay if not decoupled_weight_decay else 0.0
-        grads = _start(updates, params, decay, maximize)
+        grads = prepare_gradients(updates, params, decay, maximize)
         exp_avg, exp_avg_sq = values(state["exp_avg"]), values(state["exp_avg_sq"])
         state["count"].add_(1)
         t = state["count"].to(torch.float64)
@@ -218,9 +214,7 @@ def nadam(
         mu_next = b1 * (1.0 - 0.5 * torch.pow(0.96, (t + 1) * momentum_decay))
         state["mu_product"].mul_(mu.to(state["mu_product"].dtype))
         mu_product = state["mu_product"].to(torch.float64)
-        arith.lerp_(exp_avg, grads, 1 - b1)
-        torch._foreach_mul_(exp_avg_sq, b2)
-        arith.addcmul_(exp_avg_sq, grads, grads, 1 - b2)
+        arith.update_moments_(exp_avg, exp_avg_sq, grads, b1, b2)
         denom = torch._foreach_div(exp_avg_sq, bias_correction2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)
@@ -252,19 +246,17 @@ def radam(
     b1, b2 = betas
 
     def init(params: Params) -> OptState:
-        return {"count": _count(params), "exp_avg": zeros(params), "exp_avg_sq": zeros(params)}
+        return {"count": step_count(params), "exp_avg": zeros(params), "exp_avg_sq": zeros(params)}
 
     def update(updates: Updates, state: OptState, params: Params):
         if not updates:
             return updates, state
         decay = weight_decay if not decoupled_weight_decay else 0.0
-        grads = _start(updates, params, decay, maximize)
+        grads = prepare_gradients(updates, params, decay, maximize)
         exp_avg, exp_avg_sq = values(state["exp_avg"]), values(state["exp_avg_sq"])
         state["count"].add_(1)
         t = state["count"].to(torch.float64)
-        arith.lerp_(exp_avg, grads, 1 - b1)
-        torch._foreach_mul_(exp_avg_sq, b2)
-        arith.addcmul_(exp_avg_sq, grads, grads, 1 - b2)
+        arith.update_moments_(exp_avg, exp_avg_sq, grads, b1, b2)
         bias_correction1 = 1 - torch.pow(b1, t)
         bias_correction2 = 1 - torch.pow(b2, t)
         rho_inf = 2 / (1 - b2) - 1
@@ -305,7 +297,7 @@ def adafactor(
     eps1, eps2 = eps
 
     def init(params: Params) -> OptState:
-        state: OptState = {"count": _count(params), "row_var": {}, "col_var": {}, "variance": {}}
+        state: OptState = {"count": step_count(params), "row_var": {}, "col_var": {}, "variance": {}}
         for name, p in params.items():
             if p.dim() > 1:
                 state["row_var"][name] = p.new_zeros((*p.shape[:-1], 1))

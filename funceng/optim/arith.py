@@ -47,3 +47,12 @@ def addcdiv_(xs: list[Tensor], a: list[Tensor], b: list[Tensor], value: Coeffici
         torch._foreach_addcdiv_(xs, torch._foreach_mul(a, value), b)
     else:
         torch._foreach_addcdiv_(xs, a, b, value=value)
+
+
+def update_moments_(
+    exp_avg: list[Tensor], exp_avg_sq: list[Tensor], grads: list[Tensor], b1: Coefficient, b2: Coefficient
+) -> None:
+    """Adam's moment estimates: ``m <- m + (1-b1)(g - m)``, ``v <- b2 v + (1-b2) g^2``."""
+    lerp_(exp_avg, grads, 1 - b1)
+    torch._foreach_mul_(exp_avg_sq, b2)
+    addcmul_(exp_avg_sq, grads, grads, 1 - b2)

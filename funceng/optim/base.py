@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from funceng import tree
+from funceng.optim import arith
 
 Params = dict[str, Tensor]
 Updates = dict[str, Tensor]
@@ -51,6 +52,27 @@ def scalar(value: float | Tensor, like: Tensor | None = None, dtype: torch.dtype
 def first_param(params: Params) -> Tensor | None:
     """The first parameter, whose device new state tensors go to (``None`` for no parameters)."""
     return next(iter(params.values()), None)
+
+
+def step_count(params: Params) -> Tensor:
+    """A 0-d int64 count of updates, on the parameters' device."""
+    return scalar(0, first_param(params), torch.int64)
+
+
+def torch_scalar_dtype() -> torch.dtype:
+    """The dtype ``torch.optim`` keeps its per-step scalars in (its ``_get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def prepare_gradients(updates: Updates, params: Params, weight_decay: float | Tensor = 0.0, maximize: bool = False):
+    """The gradients of ``updates`` as a list, in place: negated with ``maximize``, then with L2 weight decay
+    ``g <- g + wd p`` (``torch.optim``'s order)."""
+    grads = values(updates)
+    if maximize:
+        torch._foreach_neg_(grads)
+    if arith.is_set(weight_decay):
+        arith.add_(grads, [params[n] for n in updates], weight_decay)
+    return grads
 
 
 def identity() -> GradientTransformation:

@@ -8,15 +8,21 @@ import torch
 from torch import Tensor
 
 from funceng.optim import arith
-from funceng.optim.base import GradientTransformation, OptState, Params, Updates, first_param, scalar, values
+from funceng.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    first_param,
+    prepare_gradients,
+    scalar,
+    step_count,
+    torch_scalar_dtype,
+    values,
+)
 from funceng.optim.base import zeros_like as zeros
 
 Hyper = float | Tensor
-
-
-def torch_scalar_dtype() -> torch.dtype:
-    """The dtype ``torch.optim`` keeps its per-step scalars in (its ``_get_scalar_dtype``)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def rprop(
@@ -33,14 +39,12 @@ def rprop(
     low, high = step_sizes
 
     def init(params: Params) -> OptState:
-        return {"count": scalar(0, first_param(params), torch.int64), "prev": zeros(params), "step_size": zeros(params)}
+        return {"count": step_count(params), "prev": zeros(params), "step_size": zeros(params)}
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         if not updates:
             return updates, state
-        grads = values(updates)
-        if maximize:
-            torch._foreach_neg_(grads)
+        grads = prepare_gradients(updates, params, maximize=maximize)
         prev, step_size = values(state["prev"]), values(state["step_size"])
         torch._foreach_add_(step_size, (state["count"] == 0).to(torch.float64) * lr)  # s <- lr on the first step
         state["count"].add_(1)
@@ -90,9 +94,7 @@ def asgd(
     def update(updates: Updates, state: OptState, params: Params):
         if not updates:
             return updates, state
-        grads = values(updates)
-        if maximize:
-            torch._foreach_neg_(grads)
+        grads = prepare_gradients(updates, params, maximize=maximize)
         weights = [params[n] for n in updates]
         if arith.is_set(weight_decay):
             arith.add_(grads, weights, weight_decay)
@@ -125,18 +127,12 @@ def sparse_adam(
     b1, b2 = betas
 
     def init(params: Params) -> OptState:
-        return {
-            "count": scalar(0, first_param(params), torch.int64),
-            "exp_avg": zeros(params),
-            "exp_avg_sq": zeros(params),
-        }
+        return {"count": step_count(params), "exp_avg": zeros(params), "exp_avg_sq": zeros(params)}
 
     def update(updates: Updates, state: OptState, params: Params | None = None):
         if not updates:
             return updates, state
-        grads = values(updates)
-        if maximize:
-            torch._foreach_neg_(grads)
+        grads = prepare_gradients(updates, params, maximize=maximize)
         exp_avg, exp_avg_sq = values(state["exp_avg"]), values(state["exp_avg_sq"])
         present = [(g != 0).to(g.dtype) for g in grads]
         state["count"].add_(1)

@@ -66,8 +66,12 @@ def trace(momentum: float | Tensor, dampening: float = 0.0, nesterov: bool = Fal
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)
             arith.add_(grads, bufs, momentum)
+        elif isinstance(momentum, Tensor):  # a scheduled momentum: b <- momentum * b + u in place, no temporary
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_copy_(grads, bufs)
         else:  # b <- momentum * b + u, computed in the gradients' storage: two passes over memory, not three
-            arith.add_(grads, bufs, momentum)
+            torch._foreach_add_(grads, bufs, alpha=momentum)
             torch._foreach_copy_(bufs, grads)
         return updates, state
 
@@ -100,9 +104,7 @@ def scale_by_adam(
         count = state["count"]
         count.add_(1)
         grads, mu, nu = values(updates), values(state["exp_avg"]), values(state["exp_avg_sq"])
-        arith.lerp_(mu, grads, 1 - b1)
-        torch._foreach_mul_(nu, b2)
-        arith.addcmul_(nu, grads, grads, 1 - b2)
+        arith.update_moments_(mu, nu, grads, b1, b2)
         t = count.to(torch.float64)
         bias_correction1 = 1 - torch.pow(b1, t)
         bias_correction2_sqrt = torch.sqrt(1 - torch.pow(b2, t))

@@ -234,7 +234,10 @@ class ScheduledHyperparams:
 
     def __init__(self, tables: Tables, labels: list[str | None], device: torch.device | str | None):
         self.tables, self.labels = tables, labels
-        self.on_device = tables.device_tables(torch.device(device) if device is not None else torch.device("cpu"))
+        on_device = tables.device_tables(torch.device(device) if device is not None else torch.device("cpu"))
+        self.keys = list(on_device)
+        # every (key, group) column in one [keys * groups, ticks] table: one gather per step, whatever the count
+        self.stacked = torch.cat([on_device[key] for key in self.keys]) if self.keys else None
         self._paths: list[tuple[int, tuple[str, ...]]] | None = None
 
     @property
@@ -259,17 +262,24 @@ class ScheduledHyperparams:
         return self._paths
 
     def write(self, step: Tensor, opt_state: Any) -> None:
-        """Sets every scheduled hyperparameter to its value at iteration ``step`` (a 0-d int64 tensor)."""
-        for index, path in self.group_paths(opt_state):
+        """Sets every scheduled hyperparameter to its value at iteration ``step`` (a 0-d int64 tensor): one gather
+        from the tables and one foreach copy, no host sync and nothing that depends on the step's value."""
+        if self.stacked is None:
+            return
+        nodes = []
+        for _, path in self.group_paths(opt_state):
             node = opt_state
             for key in path:
                 node = node[key]
-            hyperparams = node["hyperparams"]
-            for (name, position), table in self.on_device.items():
-                tick = self.tables.index(step, table.shape[1]).reshape(1)
-                value = torch.index_select(table[index], 0, tick).squeeze(0)  # no host sync, no guard on the step
-                target = hyperparams[name] if position is None else hyperparams[name][position]
-                target.copy_(value)
+            nodes.append(node["hyperparams"])
+        targets = [
+            nodes[group][name] if position is None else nodes[group][name][position]
+            for name, position in self.keys
+            for group in range(len(nodes))
+        ]
+        tick = self.tables.index(step, self.stacked.shape[1]).reshape(1)
+        values = torch.index_select(self.stacked, 1, tick).reshape(-1)
+        torch._foreach_copy_(targets, list(values.unbind()))
 
     def group_values(self, state: Any, group: int, iteration: int) -> dict[str, Any]:
         """Group ``group``'s hyperparameters at ``iteration``: the tables' values, the others as the state holds
