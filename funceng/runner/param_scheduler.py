@@ -298,8 +298,3 @@ class ScheduledHyperparams:
             else:
                 values[name] = tuple(value if i == position else v for i, v in enumerate(values[name]))
         return values
-
-    def value(self, name: str = "lr", group: int = 0, iteration: int = 0, position: int | None = None) -> float | None:
-        """The scheduled value at ``iteration``, or ``None`` if no scheduler drives it."""
-        key = (name, position)
-        return self.tables.value(key, group, iteration) if key in self.tables.values else None
