@@ -77,7 +77,7 @@ class ScheduledLoop(FuncengLoop):
         tx = optim.inject_hyperparams(optim.sgd, ["lr", "momentum"])(lr=0.01, momentum=0.9)
         self.batch = batch
         self.state = funceng.TrainState.create(model, tx)
-        hyperparams.group_paths(self.state["opt_state"])
+        hyperparams.locate(self.state["opt_state"])
         self.step = funceng.make_train_step(model, tx, loss_fn, compile=compile, schedule=hyperparams.write)
 
 

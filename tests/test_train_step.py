@@ -220,7 +220,7 @@ def test_a_schedule_follows_the_iteration_through_an_fp16_skipped_step(compile, 
     hyperparams = ScheduledHyperparams(tables, [None], "cpu")
     tx = optim.inject_hyperparams(optim.sgd, ["lr"])(lr=0.1)
     state = funceng.TrainState.create(model, tx)
-    hyperparams.group_paths(state["opt_state"])
+    hyperparams.locate(state["opt_state"])
     step = funceng.make_train_step(
         model, tx, _loss_times_factor, compile=compile, amp="fp16", schedule=hyperparams.write
     )

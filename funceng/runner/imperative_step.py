@@ -23,7 +23,7 @@ from funceng.loss import parse_loss
 from funceng.optim.constructors import build_optim_wrapper, is_wrapper_object
 from funceng.optim.imperative import BoundUpdate, OptimWrapperDict
 from funceng.registry import OPTIMIZERS, keyword_parameters
-from funceng.runner.optim_wrapper import IMPLEMENTATION_OPTIONS
+from funceng.runner.optim_wrapper import IMPLEMENTATION_OPTIONS, injectable
 from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables, train_length
 from funceng.state import trainable_names
 
@@ -77,13 +77,8 @@ class WrapperOptimizer:
                     "step), not optimizer wrapper objects or an overridden train_step"
                 )
             self.hyperparams[wname] = hyperparams = ScheduledHyperparams(tables, labels, _device_of(optimizer))
-            accepted = {"lr", "momentum", "betas", "weight_decay"} & (keyword_parameters(factory) or set())
-            if hyperparams.injected - accepted:
-                raise ConfigError(
-                    f"param_scheduler: {sorted(hyperparams.injected - accepted)} of {type(optimizer).__name__} "
-                    f"cannot be scheduled; funceng schedules {sorted(accepted)}"
-                )
-            injected = optim.inject_hyperparams(factory, sorted(hyperparams.injected))
+            names = injectable(factory, hyperparams.injected, type(optimizer).__name__)
+            injected = optim.inject_hyperparams(factory, names)
             for index, (label, group) in enumerate(zip(labels, optimizer.param_groups)):
                 kwargs = _hyperparameters(optimizer, group, factory, f"{where}.optimizer.param_groups[{index}]")
                 self.transforms[label] = injected(**{**kwargs, "lr": group["lr"]})
@@ -190,7 +185,7 @@ def build_imperative_training(runner: Any, loader: Any) -> None:
     runner.log_frozen(setup.unoptimized(), why="being in no optimizer's param groups")
     runner.create_state(setup.tx)
     for hyperparams in setup.hyperparams.values():
-        hyperparams.group_paths(runner.state["opt_state"])
+        hyperparams.locate(runner.state["opt_state"])
     bound = setup.bind(runner)
     if runner.compile:
         runner.logger.warning(

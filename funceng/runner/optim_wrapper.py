@@ -75,14 +75,12 @@ def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., op
 @dataclass(frozen=True)
 class OptimizerSetup:
     """What ``optim_wrapper`` and ``param_scheduler`` ask for: the transform (accumulating gradients over
-    ``accumulate`` iterations), the AMP dtype name or ``None``, the optimizer's base learning rate, the scheduled
-    hyperparameters (`funceng.runner.param_scheduler.ScheduledHyperparams`: the train step's ``schedule``) and
-    the parameters that ``paramwise_cfg`` freezes with ``lr_mult=0``."""
+    ``accumulative_counts`` iterations), the AMP dtype name or ``None``, the scheduled hyperparameters
+    (`funceng.runner.param_scheduler.ScheduledHyperparams`: the train step's ``schedule``) and the parameters
+    that ``paramwise_cfg`` freezes with ``lr_mult=0``."""
 
     tx: optim.GradientTransformation
     amp: str | None
-    accumulate: int
-    base_lr: float
     hyperparams: ScheduledHyperparams
     frozen: tuple[str, ...] = ()
 
@@ -98,13 +96,12 @@ def build_optimizer(
     """The optimizer that ``optim_wrapper`` describes for ``model``, its hyperparameters driven by
     ``param_scheduler`` over a run of ``length``.
 
-    Param groups come from ``paramwise_cfg`` (one per distinct ``(lr_mult, decay_mult)``). Each group's optimizer
-    keeps its learning rate and scheduled hyperparameters in the state (`funceng.optim.inject_hyperparams`).
+    Param groups come from ``paramwise_cfg`` (one per distinct `funceng.optim.paramwise.ParamRule`). Each group's
+    optimizer keeps its learning rate and scheduled hyperparameters in the state (`funceng.optim.inject_hyperparams`).
     ``sharded``: the gradients are row shards (FSDP2), so clipping by norm sums the squared norms over the ranks.
     """
     factory, kwargs = optimizer_kwargs(optim_wrapper)
     wrapper = OPTIM_WRAPPERS.resolve(optim_wrapper.get("type", "OptimWrapper"), "optim_wrapper.type")
-    base_lr = kwargs["lr"]
     defaults = {
         k: p.default
         for k, p in inspect.signature(factory).parameters.items()
@@ -122,7 +119,7 @@ def build_optimizer(
         groups, frozen = {None: dict(kwargs)}, ()
     tables = schedule_tables(param_scheduler, [{**defaults, **g} for g in groups.values()], length)
     hyperparams = ScheduledHyperparams(tables, list(groups), device)
-    injected = optim.inject_hyperparams(factory, _injectable(factory, hyperparams.injected, optimizer_name))
+    injected = optim.inject_hyperparams(factory, injectable(factory, hyperparams.injected, optimizer_name))
     if paramwise:
         transforms = {label: injected(**g) for label, g in groups.items()}
         if frozen:  # lr_mult=0 freezes for real: no update at all (with weight decay or AdamW too), no state
@@ -146,9 +143,8 @@ def build_optimizer(
             )
     elif "dtype" in optim_wrapper or "loss_scale" in optim_wrapper:
         raise ConfigError("optim_wrapper: 'dtype' and 'loss_scale' need type='AmpOptimWrapper'")
-    accumulate = int(optim_wrapper.get("accumulative_counts", 1))
-    tx = optim.accumulate(tx, accumulate, total=length.max_iters)
-    return OptimizerSetup(tx, amp, accumulate, base_lr, hyperparams, frozen)
+    tx = optim.accumulate(tx, int(optim_wrapper.get("accumulative_counts", 1)), total=length.max_iters)
+    return OptimizerSetup(tx, amp, hyperparams, frozen)
 
 
 def _label(rule: ParamRule) -> str:
@@ -171,7 +167,7 @@ def _group_kwargs(kwargs: dict, defaults: dict, rule: ParamRule, optimizer: str)
     return group
 
 
-def _injectable(factory: Callable, names: set[str], optimizer: str) -> list[str]:
+def injectable(factory: Callable, names: set[str], optimizer: str) -> list[str]:
     """``names`` that a schedule may drive in ``factory``: the learning rate, momentum / betas and weight decay
     (the hyperparameters funceng's optimizers accept as state tensors)."""
     accepted = keyword_parameters(factory) or set()

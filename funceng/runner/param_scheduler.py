@@ -238,7 +238,7 @@ class ScheduledHyperparams:
         self.keys = list(on_device)
         # every (key, group) column in one [keys * groups, ticks] table: one gather per step, whatever the count
         self.stacked = torch.cat([on_device[key] for key in self.keys]) if self.keys else None
-        self._paths: list[tuple[int, tuple[str, ...]]] | None = None
+        self._paths: list[tuple[str, ...]] | None = None
 
     @property
     def injected(self) -> set[str]:
@@ -246,32 +246,37 @@ class ScheduledHyperparams:
         ones."""
         return {"lr"} | {name for name, _ in self.tables.values} | {p.param for p in self.tables.plateaus}
 
-    def group_paths(self, opt_state: Any) -> list[tuple[int, tuple[str, ...]]]:
-        """``(group index, path to its hyperparams)`` in an optimizer state of this run."""
-        if self._paths is None:
-            from funceng.optim.hyperparams import find_hyperparams
+    def locate(self, opt_state: Any) -> None:
+        """Finds each group's injected hyperparameters in an optimizer state of this run (its structure is fixed
+        for the run), once: before a compiled step traces, which must not see this bookkeeping change."""
+        from funceng.optim.hyperparams import find_hyperparams
 
-            found = [path for path, _ in find_hyperparams(opt_state)]
-            paths = []
-            for index, label in enumerate(self.labels):
-                matching = [path for path in found if label is None or label in path]
-                if len(matching) != 1:
-                    raise ValueError(f"param group {label!r}: expected one injected optimizer, found {matching}")
-                paths.append((index, matching[0]))
-            self._paths = paths
-        return self._paths
+        found = [path for path, _ in find_hyperparams(opt_state)]
+        self._paths = []
+        for label in self.labels:
+            matching = [path for path in found if label is None or label in path]
+            if len(matching) != 1:
+                raise ValueError(f"param group {label!r}: expected one injected optimizer, found {matching}")
+            self._paths.append(matching[0])
+
+    def group_hyperparams(self, opt_state: Any) -> list[Any]:
+        """Each group's ``hyperparams`` (a dict of tensors) in ``opt_state``, in group order."""
+        if self._paths is None:
+            self.locate(opt_state)
+        nodes = []
+        for path in self._paths:
+            node = opt_state
+            for key in path:
+                node = node[key]
+            nodes.append(node["hyperparams"])
+        return nodes
 
     def write(self, step: Tensor, opt_state: Any) -> None:
         """Sets every scheduled hyperparameter to its value at iteration ``step`` (a 0-d int64 tensor): one gather
         from the tables and one foreach copy, no host sync and nothing that depends on the step's value."""
         if self.stacked is None:
             return
-        nodes = []
-        for _, path in self.group_paths(opt_state):
-            node = opt_state
-            for key in path:
-                node = node[key]
-            nodes.append(node["hyperparams"])
+        nodes = self.group_hyperparams(opt_state)
         targets = [
             nodes[group][name] if position is None else nodes[group][name][position]
             for name, position in self.keys
@@ -286,11 +291,8 @@ class ScheduledHyperparams:
         them now (a plateau's); ``{}`` before there is a state."""
         if state is None:
             return {}
-        _, path = self.group_paths(state["opt_state"])[group]
-        node = state["opt_state"]
-        for key in path:
-            node = node[key]
-        values = {name: tuple(v.tolist()) if v.ndim else v.item() for name, v in node["hyperparams"].items()}
+        hyperparams = self.group_hyperparams(state["opt_state"])[group]
+        values = {name: tuple(v.tolist()) if v.ndim else v.item() for name, v in hyperparams.items()}
         for (name, position), _ in self.tables.values.items():
             value = self.tables.value((name, position), group, iteration)
             if position is None:

@@ -225,7 +225,7 @@ class Runner(RunnerCounters):
             plateau = ReduceOnPlateauHook(setup.hyperparams.tables.plateaus, setup.hyperparams)
             self.hooks = sorted([*self.hooks, plateau], key=lambda h: h.priority_value)
         self.create_state(setup.tx)
-        setup.hyperparams.group_paths(self.state["opt_state"])  # found once, before a compiled step traces
+        setup.hyperparams.locate(self.state["opt_state"])  # found once, before a compiled step traces
         self.train_loop.train_step = make_train_step(
             self.model,
             setup.tx,

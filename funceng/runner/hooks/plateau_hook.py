@@ -77,13 +77,10 @@ class ReduceOnPlateauHook(Hook):
     def _reduce(self, state: Any, scheduler: Scheduler) -> None:
         rule = scheduler.rule
         name, position = scheduler.key
-        groups = self.hyperparams.group_paths(state["opt_state"])
+        groups = self.hyperparams.group_hyperparams(state["opt_state"])
         floors = rule.min_value if isinstance(rule.min_value, (list, tuple)) else [rule.min_value] * len(groups)
-        for (_, path), floor in zip(groups, floors):
-            node = state["opt_state"]
-            for key in path:
-                node = node[key]
-            tensor = node["hyperparams"][name] if position is None else node["hyperparams"][name][position]
+        for hyperparams, floor in zip(groups, floors):
+            tensor = hyperparams[name] if position is None else hyperparams[name][position]
             current = float(tensor)
             new = max(current * rule.factor, floor)
             if current - new > rule.eps:
