@@ -21,12 +21,11 @@ from torch import Tensor, nn
 from funceng import binding, dist, optim, tree
 from funceng.grads import EagerGradients, FunctionalGradients, LossFn, ModelFunction, ShardedGradients, autocast
 from funceng.loss import call_model
-from funceng.loss_scale import DynamicScaling, NoScaling
+from funceng.loss_scale import DynamicScaling, NoScaling, parse_amp
 from funceng.rng import StateGenerators
 from funceng.sharding import check_shares_storage, is_sharded
 from funceng.state import REQUIRED_KEYS, TrainState, check_leaves, check_state, donate, expected_state, trainable_names
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 LOGGED_OPT_STATE = ("lr", "grad_norm")  # optimizer-state leaves reported in the metrics when present
 
 
@@ -68,14 +67,6 @@ def _resolve_compile(compile: bool | str | dict, model: nn.Module) -> dict | Non
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False, 'auto' or a dict of torch.compile options, got {compile!r}")
     return {"fullgraph": True} if compile else None
-
-
-def _amp_dtype(amp: str | torch.dtype | None) -> torch.dtype | None:
-    if amp is None or isinstance(amp, torch.dtype):
-        return amp
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
-    return AMP_DTYPES[amp]
 
 
 def _refuse_function_transforms() -> None:
@@ -139,7 +130,7 @@ class _Step:
             )
         self.compile_options = _resolve_compile(compile, model)
         self.compiled = self.compile_options is not None
-        self.amp_dtype = _amp_dtype(amp)
+        self.amp_dtype, self.scaling = parse_amp(amp)
         self.dynamic_batch = dynamic_batch and self.compiled
         self.cuda_graphs = self.compiled and self.compile_options.get("mode") in ("reduce-overhead", "max-autotune")
         self.device_type = next(model.parameters()).device.type
@@ -255,7 +246,8 @@ class TrainStep(_Step):
         self._reduce = (
             _mean_logs_across_ranks if self.sharded else _mean_across_ranks if data_parallel else _no_reduction
         )
-        self._loss_scale = DynamicScaling(across_ranks=self.sharded) if self.amp_dtype == torch.float16 else NoScaling()
+        fp16 = self.amp_dtype == torch.float16
+        self._loss_scale = DynamicScaling(self.sharded, **self.scaling) if fp16 else NoScaling()
         self._generators: StateGenerators | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
@@ -360,8 +352,9 @@ def make_train_step(
     ``fullgraph=True``; ``"auto"`` compiles on CUDA only; a dict adds ``torch.compile`` options
     (``{"mode": "reduce-overhead"}``: CUDA graphs, with the state's tensors marked as static addresses).
     ``amp``: ``"bf16"`` autocasts; ``"fp16"`` also scales the loss dynamically and skips non-finite steps
-    without a host sync. ``accumulate=k`` applies the mean of ``k`` consecutive steps' gradients every k-th step
-    (build the state with ``optim.accumulate(tx, k)``).
+    without a host sync (a dict sets GradScaler's constants, `funceng.loss_scale.parse_amp`).
+    ``accumulate=k`` applies the mean of ``k`` consecutive steps' gradients every k-th step (build the state with
+    ``optim.accumulate(tx, k)``).
     ``donate``: the input state's storage is reused for the output and the input object is invalidated
     (``False`` keeps it, at the cost of a copy per step). ``dynamic_batch`` compiles for any batch size, so a
     smaller last batch does not recompile. ``data_parallel``: average gradients (and the logged loss) over the

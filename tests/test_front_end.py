@@ -128,8 +128,12 @@ def test_config_typos_inside_components_name_the_key_and_the_closest_one(tmp_pat
         (dict(train_cfg=dict(type="ValLoop", max_epochs=1)), r"train_cfg.type: ValLoop is not a train loop"),
         (dict(train_cfg=dict(by_epoch=True, max_epochs=1, max_iters=5)), r"counts 'max_epochs'; remove 'max_iters'"),
         (
-            dict(optim_wrapper=dict(type="AmpOptimWrapper", loss_scale=512.0, optimizer=dict(type="SGD", lr=0.1))),
-            r"optim_wrapper.loss_scale: only 'dynamic' loss scaling is supported",
+            dict(
+                optim_wrapper=dict(
+                    type="AmpOptimWrapper", loss_scale=dict(enabled=False), optimizer=dict(type="SGD", lr=0.1)
+                )
+            ),
+            r"loss_scale.enabled=False: float16 without loss scaling underflows",
         ),
         (
             dict(optim_wrapper=dict(dtype="float16", optimizer=dict(type="SGD", lr=0.1))),

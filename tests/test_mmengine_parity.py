@@ -592,3 +592,29 @@ def test_schedules_compose_with_bf16_accumulation_freezing_and_a_plateau_eager_a
     assert not torch.equal(eager["net.2.weight"], initial["net.2.weight"])
     assert len(eager_lr) == 12 and eager_lr == compiled_lr  # 12 iterations (4 a pass, 3 epochs), last window of 3
     assert_same(eager, compiled, rtol=1e-3, atol=1e-4)  # bfloat16 forward passes: compiled fuses differently
+
+
+@pytest.mark.parametrize(
+    "loss_scale, expected",
+    [
+        (512.0, [512.0] * 6),  # static: MMEngine resets GradScaler to it after every step
+        (dict(init_scale=1024.0, growth_interval=2), [1024.0, 2048.0, 2048.0, 4096.0, 4096.0, 8192.0]),
+    ],
+)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_amp_optim_wrapper_loss_scale_static_or_dict_is_applied(tmp_path, loss_scale, expected, compile, fresh_dynamo):
+    kwargs = tutorials.regression_runner_kwargs(
+        "funceng",
+        tmp_path,
+        compile=compile,
+        val_dataloader=None,
+        val_evaluator=None,
+        val_cfg=None,
+        optim_wrapper=dict(
+            type="AmpOptimWrapper", dtype="float16", loss_scale=loss_scale, optimizer=dict(type="SGD", lr=0.01)
+        ),
+        log_processor=dict(window_size=1),  # each iteration's own value, not a window's mean
+    )
+    runner = runner_class("funceng")(**kwargs)
+    runner.train()
+    assert _logged(tmp_path, "loss_scale") == expected  # the scale after each iteration's update

@@ -76,13 +76,14 @@ def optimizer_kwargs(optim_wrapper: Mapping[str, Any]) -> tuple[Callable[..., op
 class OptimizerSetup:
     """What ``optim_wrapper`` and ``param_scheduler`` ask for: the transform (accumulating gradients over
     ``accumulative_counts`` iterations), the AMP dtype name or ``None``, the scheduled hyperparameters
-    (`funceng.runner.param_scheduler.ScheduledHyperparams`: the train step's ``schedule``) and the parameters
-    that ``paramwise_cfg`` freezes with ``lr_mult=0``."""
+    (`funceng.runner.param_scheduler.ScheduledHyperparams`: the train step's ``schedule``), the parameters
+    that ``paramwise_cfg`` freezes with ``lr_mult=0`` and fp16's initial loss scale (``None``: 2**16)."""
 
     tx: optim.GradientTransformation
-    amp: str | None
+    amp: str | dict | None
     hyperparams: ScheduledHyperparams
     frozen: tuple[str, ...] = ()
+    init_scale: float | None = None
 
 
 def build_optimizer(
@@ -129,22 +130,40 @@ def build_optimizer(
     else:
         tx = injected(**groups[None])
     tx = _with_clipping(tx, optim_wrapper.get("clip_grad"), sharded)
-    amp = None
+    amp, init_scale = None, None
     if wrapper is AmpOptimWrapper:
-        dtype = optim_wrapper.get("dtype", "float16")
-        if dtype not in AMP_DTYPES:
-            raise ConfigError(f"optim_wrapper.dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
-        amp = AMP_DTYPES[dtype]
-        loss_scale = optim_wrapper.get("loss_scale", "dynamic")
-        if loss_scale != "dynamic":
-            raise ConfigError(
-                f"optim_wrapper.loss_scale: only 'dynamic' loss scaling is supported (as "
-                f"torch.amp.GradScaler's defaults), got {loss_scale!r}"
-            )
+        amp, init_scale = _amp_and_loss_scale(optim_wrapper.get("dtype", "float16"), optim_wrapper.get("loss_scale"))
     elif "dtype" in optim_wrapper or "loss_scale" in optim_wrapper:
         raise ConfigError("optim_wrapper: 'dtype' and 'loss_scale' need type='AmpOptimWrapper'")
     tx = optim.accumulate(tx, int(optim_wrapper.get("accumulative_counts", 1)), total=length.max_iters)
-    return OptimizerSetup(tx, amp, hyperparams, frozen)
+    return OptimizerSetup(tx, amp, hyperparams, frozen, init_scale)
+
+
+LOSS_SCALE_KEYS = {"init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled"}
+
+
+def _amp_and_loss_scale(dtype: Any, loss_scale: Any) -> tuple[str | dict, float | None]:
+    """The train step's ``amp`` and the initial loss scale for MMEngine's ``AmpOptimWrapper(dtype, loss_scale)``:
+    ``"dynamic"`` (the default) is GradScaler's defaults, a number a static scale (non-finite steps are still
+    skipped), a dict GradScaler's arguments."""
+    if dtype not in AMP_DTYPES:
+        raise ConfigError(f"optim_wrapper.dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
+    if AMP_DTYPES[dtype] == "bfloat16" or loss_scale in (None, "dynamic"):
+        if loss_scale not in (None, "dynamic"):
+            raise ConfigError("optim_wrapper.loss_scale: bfloat16 needs no loss scaling; leave loss_scale out")
+        return AMP_DTYPES[dtype], None
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+        return {"dtype": "float16", "growth_factor": 1.0, "backoff_factor": 1.0}, float(loss_scale)
+    if isinstance(loss_scale, Mapping):
+        check_keys("optim_wrapper.loss_scale", loss_scale, LOSS_SCALE_KEYS)
+        if not loss_scale.get("enabled", True):
+            raise ConfigError(
+                "optim_wrapper.loss_scale.enabled=False: float16 without loss scaling underflows; use "
+                "dtype='bfloat16', which needs none"
+            )
+        options = {k: v for k, v in loss_scale.items() if k not in ("init_scale", "enabled")}
+        return {"dtype": "float16", **options}, loss_scale.get("init_scale")
+    raise ConfigError(f"optim_wrapper.loss_scale: expected 'dynamic', a number or a dict, got {loss_scale!r}")
 
 
 def _label(rule: ParamRule) -> str:

@@ -225,6 +225,8 @@ class Runner(RunnerCounters):
             plateau = ReduceOnPlateauHook(setup.hyperparams.tables.plateaus, setup.hyperparams)
             self.hooks = sorted([*self.hooks, plateau], key=lambda h: h.priority_value)
         self.create_state(setup.tx)
+        if setup.init_scale is not None:  # AmpOptimWrapper(loss_scale=...): a resume then restores the saved one
+            self.state["loss_scale"]["scale"].fill_(setup.init_scale)
         setup.hyperparams.locate(self.state["opt_state"])  # found once, before a compiled step traces
         self.train_loop.train_step = make_train_step(
             self.model,
