@@ -618,3 +618,36 @@ def test_amp_optim_wrapper_loss_scale_static_or_dict_is_applied(tmp_path, loss_s
     runner = runner_class("funceng")(**kwargs)
     runner.train()
     assert _logged(tmp_path, "loss_scale") == expected  # the scale after each iteration's update
+
+
+def test_dynamic_intervals_change_when_validation_runs_like_mmengine(tmp_path):
+    seen = {}
+    for pkg in BOTH:
+        Hook = import_module(f"{pkg}.hooks").Hook
+
+        class ValCounter(Hook):
+            epochs: list = []  # noqa: RUF012 (a class attribute: hooks given as objects may be copied)
+
+            def after_val_epoch(self, runner, metrics=None):
+                self.epochs.append(runner.epoch)
+
+        kwargs = tutorials.regression_runner_kwargs(
+            pkg,
+            tmp_path / pkg,
+            custom_hooks=[ValCounter()],
+            train_cfg=dict(
+                type="EpochBasedTrainLoop", max_epochs=9, val_interval=3, dynamic_intervals=[(4, 2), (7, 1)]
+            ),
+        )
+        runner_class(pkg)(**kwargs).train()
+        seen[pkg] = ValCounter.epochs
+    # MMEngine switches interval when epochs done + 1 reaches a milestone: every 2 from epoch 3, every 1 from 6
+    assert seen["mmengine"] == [4, 6, 7, 8, 9]
+    assert seen["funceng"] == seen["mmengine"]
+
+
+def test_a_batch_sampler_is_refused_by_name(tmp_path):
+    kwargs = tutorials.regression_runner_kwargs("funceng", tmp_path)
+    kwargs["train_dataloader"] = dict(kwargs["train_dataloader"], batch_sampler=dict(type="AspectRatioBatchSampler"))
+    with pytest.raises(ConfigError, match="train_dataloader.batch_sampler is not supported: .*use sampler"):
+        runner_class("funceng")(**kwargs)

@@ -69,6 +69,11 @@ def _from_dict(cfg: Mapping, name: str, seed: int, train: bool) -> DataLoader:
     cfg = dict(cfg)
     if "dataset" not in cfg:
         raise ConfigError(f"{name}: missing 'dataset'")
+    if cfg.get("batch_sampler") is not None:
+        raise ConfigError(
+            f"{name}.batch_sampler is not supported: funceng shards, reshuffles and resumes a loader through its "
+            "sampler, which a batch sampler hides; use sampler=dict(...) with batch_size"
+        )
     dataset = build_dataset(cfg.pop("dataset"), f"{name}.dataset")
     num_batches = cfg.pop("num_batch_per_epoch", None)
     if num_batches is not None:  # MMEngine's debugging option: the first batches of the dataset only

@@ -9,6 +9,7 @@ switch off.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import signal
@@ -97,9 +98,16 @@ class TrainLoop:
 
     by_epoch: bool
 
-    def __init__(self, runner: Runner, dataloader: Any, val_begin: int, val_interval: int):
+    def __init__(
+        self, runner: Runner, dataloader: Any, val_begin: int, val_interval: int, dynamic_intervals: Any = None
+    ):
         self.runner, self.dataloader = runner, dataloader
         self.val_begin, self.val_interval = val_begin, val_interval
+        # MMEngine's (milestone, interval) pairs: from count + 1 >= milestone on, validate every interval
+        pairs = [tuple(p) for p in dynamic_intervals or []]
+        if any(len(p) != 2 for p in pairs):
+            raise ConfigError(f"train_cfg.dynamic_intervals: expected (milestone, interval) pairs, got {pairs}")
+        self.milestones, self.intervals = [0, *(m for m, _ in pairs)], [val_interval, *(i for _, i in pairs)]
         self.epoch = self.iter = 0
         # while after_train_iter / after_train_epoch hooks run, the runner shows MMEngine's counters: the index of
         # the iteration / epoch just finished (these loops count them as done already)
@@ -189,11 +197,8 @@ class TrainLoop:
 
     def validate_if_due(self, count: int, last: int) -> None:
         """Validates after ``count`` epochs or iterations (of ``last``) when ``val_interval`` says so."""
-        if (
-            self.runner.val_loop is not None
-            and count >= self.val_begin
-            and (count % self.val_interval == 0 or count == last)
-        ):
+        interval = self.intervals[bisect.bisect(self.milestones, count + 1) - 1]
+        if self.runner.val_loop is not None and count >= self.val_begin and (count % interval == 0 or count == last):
             self.check_finite()
             self.validated = count
             self.runner.val_loop.run()
@@ -289,8 +294,10 @@ class EpochBasedTrainLoop(TrainLoop):
 
     by_epoch = True
 
-    def __init__(self, runner: Runner, dataloader: Any, max_epochs: int, val_begin: int = 1, val_interval: int = 1):
-        super().__init__(runner, dataloader, val_begin, val_interval)
+    def __init__(
+        self, runner: Runner, dataloader: Any, max_epochs: int, val_begin: int = 1, val_interval: int = 1, **dynamic
+    ):
+        super().__init__(runner, dataloader, val_begin, val_interval, **dynamic)
         self.max_epochs = max_epochs
 
     @property
@@ -327,8 +334,10 @@ class IterBasedTrainLoop(TrainLoop):
     by_epoch = False
     max_epochs = 1  # as MMEngine's: the whole run is one "epoch" for epoch-based hooks
 
-    def __init__(self, runner: Runner, dataloader: Any, max_iters: int, val_begin: int = 1, val_interval: int = 1000):
-        super().__init__(runner, dataloader, val_begin, val_interval)
+    def __init__(
+        self, runner: Runner, dataloader: Any, max_iters: int, val_begin: int = 1, val_interval: int = 1000, **dynamic
+    ):
+        super().__init__(runner, dataloader, val_begin, val_interval, **dynamic)
         self._max_iters = max_iters
 
     @property
@@ -362,7 +371,8 @@ def build_train_loop(
     if train_cfg is None:
         return None
     cfg = dict(train_cfg)
-    check_keys("train_cfg", cfg, {"type", "by_epoch", "max_epochs", "max_iters", "val_interval", "val_begin"})
+    allowed = {"type", "by_epoch", "max_epochs", "max_iters", "val_interval", "val_begin", "dynamic_intervals"}
+    check_keys("train_cfg", cfg, allowed)
     loop = LOOPS.resolve(cfg.pop("type"), "train_cfg.type") if "type" in cfg else None
     if loop is not None and not issubclass(loop, TrainLoop):
         raise ConfigError(f"train_cfg.type: {loop.__name__} is not a train loop")
