@@ -289,7 +289,7 @@ def test_lbfgs_is_refused_naming_an_alternative(tmp_path):
 
 class ConvNet(nn.Module):
     """Every kind of parameter paramwise_cfg tells apart: conv, depth-wise conv (with bias), batch norm, layer norm,
-    a shared linear and a 1-D free parameter."""
+    linears and a 1-D free parameter."""
 
     def __init__(self):
         super().__init__()
@@ -336,6 +336,35 @@ def test_paramwise_rules_give_each_parameter_mmengines_lr_decay_and_options(para
             for p in g["params"]
         }
     assert seen["funceng"] == seen["mmengine"]
+
+
+def test_a_parameter_shared_by_two_modules_needs_bypass_duplicate_like_mmengine():
+    from mmengine.optim import DefaultOptimWrapperConstructor as MMConstructor
+
+    from funceng.optim import DefaultOptimWrapperConstructor
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+            self.decoder = nn.Sequential(nn.LayerNorm(3), self.encoder[0])  # the same Linear, second place
+
+    cfg = dict(optimizer=dict(type="SGD", lr=0.1, weight_decay=1e-2))
+    paramwise = dict(norm_decay_mult=0.0, bias_lr_mult=2.0, custom_keys={"decoder": dict(lr_mult=0.5)})
+    with pytest.raises(ValueError, match="appear in more than one parameter group"):
+        MMConstructor(cfg, paramwise)(Tied())
+    with pytest.raises(ConfigError, match="'encoder.0.weight' is shared with 'decoder.1.weight'.*bypass_duplicate"):
+        DefaultOptimWrapperConstructor(cfg, paramwise)(Tied())
+    model = Tied()
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {}
+    for pkg, constructor in (("mmengine", MMConstructor), ("funceng", DefaultOptimWrapperConstructor)):
+        wrapper = constructor(cfg, {**paramwise, "bypass_duplicate": True})(model)
+        seen[pkg] = {
+            names[id(p)]: (g["lr"], g["weight_decay"]) for g in wrapper.optimizer.param_groups for p in g["params"]
+        }
+    assert seen["funceng"] == seen["mmengine"]
+    assert seen["funceng"]["encoder.0.weight"] == (0.1, 1e-2)  # the first module's rule, not the decoder's
 
 
 def test_paramwise_decay_rules_without_an_explicit_weight_decay_are_refused_like_mmengine():

@@ -12,7 +12,7 @@ from torch import nn
 
 from funceng.errors import ConfigError
 from funceng.optim.imperative import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
-from funceng.optim.paramwise import paramwise_multipliers
+from funceng.optim.paramwise import group_hyperparameters, paramwise_multipliers
 from funceng.registry import OPTIM_WRAPPER_CONSTRUCTORS
 
 
@@ -71,13 +71,9 @@ def _param_groups(module: nn.Module, opt_cfg: Mapping[str, Any], paramwise_cfg: 
     groups: dict[Any, list] = {}
     for name, rule in paramwise_multipliers(module, paramwise_cfg, base_wd).items():
         groups.setdefault(rule, []).append(named[name])
-    built = []
-    for rule, params in groups.items():
-        group = {"params": params, "lr": opt_cfg["lr"] * rule.lr_mult, **dict(rule.extra)}
-        if base_wd is not None:
-            group["weight_decay"] = base_wd * rule.decay_mult
-        built.append(group)
-    return built
+    return [
+        {"params": params, **group_hyperparameters(rule, opt_cfg["lr"], base_wd)} for rule, params in groups.items()
+    ]
 
 
 def wrapper_from_cfg(

@@ -66,10 +66,26 @@ def paramwise_multipliers(
             if id(param) not in trainable:
                 continue
             name = trainable[id(param)]
-            if name not in result:  # a shared parameter: its first module's rule
-                result[name] = _rule(f"{prefix}.{short}", short, module, param, paramwise_cfg, custom, ordered, base_wd)
-    _check_shared(model, paramwise_cfg)
+            if name in result:  # met again through another module: a shared parameter keeps its first rule
+                if not paramwise_cfg.get("bypass_duplicate", False):
+                    raise ConfigError(
+                        f"optim_wrapper.paramwise_cfg: parameter {name!r} is shared with "
+                        f"{f'{prefix}.{short}' if prefix else short!r}, so it would be in two param groups (torch "
+                        "refuses that); set paramwise_cfg.bypass_duplicate=True"
+                    )
+                continue
+            result[name] = _rule(f"{prefix}.{short}", short, module, param, paramwise_cfg, custom, ordered, base_wd)
     return result
+
+
+def group_hyperparameters(rule: ParamRule, lr: float, weight_decay: float | None) -> dict[str, Any]:
+    """A param group's hyperparameters under ``rule``, as MMEngine sets them: ``lr * lr_mult``, ``weight_decay *
+    decay_mult`` when the optimizer's weight decay is given, then a ``custom_keys`` entry's other values."""
+    group: dict[str, Any] = {"lr": lr * rule.lr_mult}
+    if weight_decay is not None:
+        group["weight_decay"] = weight_decay * rule.decay_mult
+    group.update((key, tuple(value) if isinstance(value, list) else value) for key, value in rule.extra)
+    return group
 
 
 def _rule(full: str, short: str, module, param, cfg, custom, ordered, base_wd) -> ParamRule:
@@ -94,22 +110,3 @@ def _rule(full: str, short: str, module, param, cfg, custom, ordered, base_wd) -
         elif param.ndim == 1 and cfg.get("flat_decay_mult") is not None:
             decay_mult = cfg["flat_decay_mult"]
     return ParamRule(lr_mult, decay_mult)
-
-
-def _check_shared(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    """A parameter shared by two modules is in two of MMEngine's param groups, which torch refuses unless
-    ``bypass_duplicate=True`` (then its first module's rule applies, as here)."""
-    if cfg.get("bypass_duplicate", False):
-        return
-    seen: dict[int, str] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        for short, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            name = f"{prefix}.{short}" if prefix else short
-            if id(param) in seen and seen[id(param)] != name:
-                raise ConfigError(
-                    f"optim_wrapper.paramwise_cfg: parameter {seen[id(param)]!r} is shared with {name!r}, so it "
-                    "would be in two param groups (torch refuses that); set paramwise_cfg.bypass_duplicate=True"
-                )
-            seen.setdefault(id(param), name)

@@ -14,7 +14,7 @@ from torch import nn
 from funceng import optim
 from funceng.errors import ConfigError, check_keys
 from funceng.optim.imperative import AmpOptimWrapper, BoundUpdate, OptimWrapper
-from funceng.optim.paramwise import ParamRule, paramwise_multipliers
+from funceng.optim.paramwise import ParamRule, group_hyperparameters, paramwise_multipliers
 from funceng.registry import OPTIM_WRAPPERS, OPTIMIZERS, keyword_parameters, type_name
 from funceng.runner import compat
 from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables
@@ -171,19 +171,14 @@ def _label(rule: ParamRule) -> str:
 
 
 def _group_kwargs(kwargs: dict, defaults: dict, rule: ParamRule, optimizer: str) -> dict:
-    """One param group's optimizer arguments: MMEngine's ``base_lr * lr_mult``, ``base_wd * decay_mult`` and a
-    ``custom_keys`` entry's other hyperparameters."""
-    group = {**kwargs, "lr": kwargs["lr"] * rule.lr_mult}
-    if "weight_decay" in defaults and rule.decay_mult != 1.0:
-        group["weight_decay"] = kwargs["weight_decay"] * rule.decay_mult
+    """One param group's optimizer arguments under ``rule`` (`funceng.optim.paramwise.group_hyperparameters`)."""
     for key, value in rule.extra:
         if key not in defaults:
             raise ConfigError(
                 f"optim_wrapper.paramwise_cfg.custom_keys: {key}={value!r} is not a hyperparameter of {optimizer} "
                 f"(it takes {sorted(defaults)})"
             )
-        group[key] = tuple(value) if isinstance(value, list) else value
-    return group
+    return {**kwargs, **group_hyperparameters(rule, kwargs["lr"], kwargs.get("weight_decay"))}
 
 
 def injectable(factory: Callable, names: set[str], optimizer: str) -> list[str]:

@@ -58,17 +58,15 @@ class Scheduler:
         if param not in groups[0]:
             known = sorted(k for k, v in groups[0].items() if isinstance(v, (int, float)) and k != "params")
             raise ConfigError(f"the optimizer has no hyperparameter {param!r} to schedule; it has {known}")
+        if last_step != -1 and any(f"initial_{param}" not in group for group in groups):
+            raise ConfigError(
+                f"last_step={last_step}: resuming a scheduler by step needs 'initial_{param}' in the param "
+                "groups, set by an earlier scheduler with last_step=-1 (MMEngine's rule too)"
+            )
+        rule.setup(groups, param, begin, end)
         if last_step == -1:
-            rule.setup(groups, param, begin, end)
             for group in groups:
                 group.setdefault(f"initial_{param}", group[param])
-        else:
-            if any(f"initial_{param}" not in group for group in groups):
-                raise ConfigError(
-                    f"last_step={last_step}: resuming a scheduler by step needs 'initial_{param}' in the param "
-                    "groups, set by an earlier scheduler with last_step=-1 (MMEngine's rule too)"
-                )
-            rule.setup(groups, param, begin, end)
         self.base = [group[f"initial_{param}"] for group in groups]
         self.last_step, self.global_step = last_step, -1
         if not isinstance(rule, ReduceOnPlateau):
