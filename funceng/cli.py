@@ -9,39 +9,46 @@ import sys
 from pathlib import Path
 
 from funceng import checkpoint as ckpt
-from funceng import tree
 from funceng.errors import CheckpointError, ConfigError, DistributedError
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # in a source checkout
 
 
 def inspect_checkpoint(path: str, out=None) -> int:
-    """Prints a checkpoint's step, epoch, tensors and metadata after verifying every checksum; 0 if intact."""
+    """Prints a checkpoint's step, epoch, tensors and metadata after verifying every checksum; 0 if intact.
+    Given a work_dir, inspects the checkpoint its ``last_checkpoint`` names."""
     out = out or sys.stdout
-    meta = ckpt.read_meta(path)
-    extra = meta.get("extra", {})
+    if (Path(path) / "last_checkpoint").exists() and not (Path(path) / "manifest.json").exists():
+        target = ckpt.read_pointer(Path(path) / "last_checkpoint")
+        print(f"{path}/last_checkpoint -> {target}", file=out)
+        path = str(target)
+    meta = ckpt.read_manifest(path)
+    extra = meta["extra"]
     try:
         state, _ = ckpt.load_state(path, verify=True)
-        files = sum(len(entry.get("pieces", [entry])) for entry in meta["tensors"])
-        verdict = f"all {files} tensor files match their sha256"
+        verdict = f"all {len(meta['files'])} files match their sha256"
         status = 0
     except CheckpointError as exc:
         state, verdict, status = None, f"CORRUPT: {exc}", 1
     print(f"checkpoint: {path}", file=out)
+    versions = meta["versions"]
     print(
-        f"format: {meta['format']}  written by funceng {meta['versions']['funceng']}, "
-        f"torch {meta['versions']['torch']}",
+        f"format: {meta['format']}  written by funceng {versions.get('funceng')}, torch {versions.get('torch')}",
         file=out,
     )
-    step = int(state["step"]) if state is not None else "?"
+    step = int(state["step"]) if state is not None and "step" in state.keys() else "?"
     print(
         f"step: {step}  epoch: {extra.get('epoch')}  iter: {extra.get('iter')}  "
         f"batch in epoch: {extra.get('batch')}  seed: {extra.get('seed')}",
         file=out,
     )
+    print("files:", file=out)
+    for name, info in meta["files"].items():
+        print(f"  {name:<40} {info.get('size', '?'):>14} bytes  sha256 {info['sha256'][:16]}...", file=out)
     print("tensors:", file=out)
-    for name, entry in zip(tree.leaf_paths(meta["structure"]), meta["tensors"]):
-        print(f"  {name:<60} {str(tuple(entry['shape'])):<20} {entry['dtype']}", file=out)
+    for entry in meta["tensors"]:
+        dtype = str(entry["dtype"]).removeprefix("torch.")
+        print(f"  {entry['name']:<60} {str(tuple(entry['shape'])):<20} {dtype}", file=out)
     shown = {k: v for k, v in extra.items() if k not in ("rng", "rng_epoch_start")}
     print("metadata:", file=out)
     print("  " + json.dumps(shown, indent=2, sort_keys=True).replace("\n", "\n  "), file=out)
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sub.add_argument("--checkpoint", required=True, help="a funceng checkpoint directory")
     inspect_cmd = commands.add_parser("inspect", help="print and verify a checkpoint")
-    inspect_cmd.add_argument("checkpoint")
+    inspect_cmd.add_argument("checkpoint", help="a checkpoint directory, or a work_dir (its last_checkpoint)")
     convert_cmd = commands.add_parser("convert", help="write a funceng checkpoint as an MMEngine .pth file")
     convert_cmd.add_argument("checkpoint", help="a funceng checkpoint directory")
     convert_cmd.add_argument("out", help="the .pth file to write ({'meta': ..., 'state_dict': ...})")

@@ -21,6 +21,7 @@ import torch
 
 from funceng import checkpoint, fileio
 from funceng.errors import CheckpointError
+from funceng.safetensors_io import MAX_HEADER_BYTES, open_regular, read_file
 
 # what a pickled state_dict needs: tensors and their containers; every other global a file names is skipped
 _ALLOWED_GLOBALS = {
@@ -72,7 +73,8 @@ class _SkippingPickleModule:
 
 
 def read_weights(path: str | os.PathLike, skipped: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` from a ``.pth`` file, never running code from it.
+    """``{name: tensor}`` from a ``.pth`` or ``.safetensors`` file (told apart by their contents), never running
+    code from it. Anything but a regular file, or one larger than the free memory, is refused before reading.
 
     ``torch.load(weights_only=True)`` reads plain weight files. A file holding other objects too (an MMEngine
     checkpoint's message hub, config, numpy RNG state) is read again with an unpickler that builds only tensors
@@ -80,8 +82,12 @@ def read_weights(path: str | os.PathLike, skipped: list[str] | None = None) -> d
     functions are appended to ``skipped``.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
         raise CheckpointError(f"{path}: not a file (a funceng checkpoint is a directory; a .pth file is a file)")
+    with open_regular(path, f"weights file {path}", checkpoint.available_memory()) as (f, _):
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < MAX_HEADER_BYTES:
+        return {_strip_wrapper(k): v for k, v in read_file(path, f"weights file {path}").items()}  # safetensors
     try:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import random
 from collections.abc import Iterator
@@ -113,6 +114,23 @@ def restore_global(states: dict[str, Any], loader: Any = None) -> None:
         generator.set_state(_decode(state))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_decode(s) for s in states["cuda"]])
+
+
+def check_states(states: Any) -> str | None:
+    """What is wrong with generator states read from a checkpoint (``None`` if `restore_global` can use them),
+    found without changing any generator."""
+    try:
+        if len(_decode(states["torch"])) != len(torch.get_rng_state()):
+            return "rng.torch has the wrong length"
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = states["python"]
+        random.Random().setstate((version, tuple(internal), gauss_next))
+        for state in list(states.get("loader", [])) + list(states.get("cuda", [])):
+            _decode(state)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        return f"rng is not a set of generator states ({type(exc).__name__}: {exc})"
+    return None
 
 
 @contextlib.contextmanager

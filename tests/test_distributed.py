@@ -196,9 +196,10 @@ def test_sharded_state_holds_each_parameter_once_across_ranks(sharded):
     total = sum(p.numel() for p in params(sharded / "work" / "iter_12"))
     assert two[0]["param_elements"] + two[1]["param_elements"] == total
     assert max(r["param_elements"] for r in two) < 0.6 * total
-    meta = json.loads((sharded / "work" / "iter_12" / "meta.json").read_text())
+    meta = json.loads((sharded / "work" / "iter_12" / "manifest.json").read_text())
     pieces = [e["pieces"] for e in meta["tensors"] if "pieces" in e]
     assert pieces and all(len(p) == 2 for p in pieces)  # every sharded leaf written as one piece per rank
+    assert sorted(meta["files"]) == ["state.rank0.safetensors", "state.rank1.safetensors"]
     refusals = two[0]["refusals"]
     assert "runs its step eagerly" in refusals["compile"]
     assert "params['net.0.weight'] is not the storage of the sharded model's parameter" in refusals["copy"]
@@ -308,7 +309,7 @@ def test_launch_configuration_errors_name_the_problem(tmp_path, monkeypatch):
 
 def test_auto_scale_lr_scales_by_the_global_batch_on_one_rank(runs):
     root, _, _ = runs
-    meta = json.loads((root / "single" / "work" / "iter_12" / "meta.json").read_text())
+    meta = json.loads((root / "single" / "work" / "iter_12" / "manifest.json").read_text())
     assert meta["extra"]["config"]["optim_wrapper"]["optimizer"]["lr"] == pytest.approx(0.1)  # 0.05 * 16 / 8
 
 
@@ -332,10 +333,10 @@ def test_sharded_checkpoint_pieces_are_verified_and_inspectable(sharded, tmp_pat
     shutil.copytree(sharded / "work" / "iter_12", copy)
     report = io.StringIO()
     assert inspect_checkpoint(str(copy), out=report) == 0
-    pieces = sorted((copy / "tensors").glob("*.*.bin"))
-    assert f"all {len(list((copy / 'tensors').iterdir()))} tensor files match" in report.getvalue()
+    pieces = sorted(copy.glob("state.rank*.safetensors"))
+    assert "all 2 files match their sha256" in report.getvalue()
     data = bytearray(pieces[-1].read_bytes())
-    data[0] ^= 0xFF
+    data[-1] ^= 0xFF
     pieces[-1].write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"{pieces[-1].name} is corrupt"):
+    with pytest.raises(CheckpointError, match=f"{pieces[-1].name}: the sha256 of its bytes does not match"):
         load_state(copy)

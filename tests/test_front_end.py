@@ -19,7 +19,7 @@ from funceng.errors import ConfigError
 from funceng.model import BaseModel
 from funceng.registry import Registry
 from funceng.runner import Hook, Runner
-from funceng.runner.loops import NonFiniteLossCheck
+from funceng.runner.finite_check import NonFiniteCheck
 
 from .runner_fixtures import dataset, runner_kwargs
 
@@ -70,7 +70,7 @@ def test_a_lagged_loss_check_still_never_saves_a_non_finite_state(tmp_path, comp
 
 
 def test_the_lagged_check_names_the_first_non_finite_iteration():
-    check = NonFiniteLossCheck(lambda i: f"step {i}", lag=2)
+    check = NonFiniteCheck(lambda i: f"step {i}", lag=2)
     check.record(1, torch.tensor(1.0))
     check.record(2, torch.tensor(float("inf")))
     check.record(3, torch.tensor(float("nan")))  # iteration 1 is read now, and is fine
@@ -202,7 +202,7 @@ def test_checkpoint_out_dir_holds_the_checkpoints_and_resume_finds_them(tmp_path
         )
     )
     runner.train()
-    assert (out_dir / "work" / "epoch_1" / "meta.json").exists()
+    assert (out_dir / "work" / "epoch_1" / "manifest.json").exists()
     assert not (tmp_path / "work" / "epoch_1").exists()
     assert Path((tmp_path / "work" / "last_checkpoint").read_text()) == out_dir / "work" / "epoch_1"
     (tmp_path / "work" / "last_checkpoint").unlink()  # the fallback scan must look in out_dir too

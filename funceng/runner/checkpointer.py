@@ -8,13 +8,14 @@ with every rank agreeing on which. The format itself is `funceng.checkpoint`'s.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from funceng import checkpoint, dist, fileio, mmengine_format, tree
-from funceng.errors import CheckpointError
+from funceng import checkpoint, dist, fileio, manifest, mmengine_format, rng, tree
+from funceng.errors import CheckpointError, check_keys
 from funceng.evaluator import improvement
 from funceng.sharding import checkpoint_shard_layout, shard_layout
 from funceng.state import TrainState
@@ -37,8 +38,13 @@ def _jsonable(value: Any) -> Any:
 class Checkpointer:
     """Saves to and resumes from ``directory`` (the work_dir, or a `CheckpointHook`'s ``out_dir``)."""
 
-    def __init__(self, runner: Runner, directory: Path):
+    def __init__(self, runner: Runner, directory: Path, options: Mapping[str, Any] | None = None):
         self.runner, self.directory = runner, Path(directory)
+        options = dict(options or {})
+        check_keys("checkpoint", options, {"async_save", "check_finite_params"})
+        self.async_save = bool(options.get("async_save", False))
+        self.check_finite_params = bool(options.get("check_finite_params", False))
+        self.blocking = False  # set while a save must be in place before going on (a stop signal)
         self.last_checkpoint = runner.work_dir / "last_checkpoint"  # in work_dir, where resume=True looks
         self.kept: list[str] = []  # rolling checkpoints, oldest first
         self.best_value: float | None = None
@@ -60,13 +66,16 @@ class Checkpointer:
             "config_sha256": runner.config_sha256,
         }
 
-    def save(self, name: str, update_last: bool = True) -> Path:
-        """Saves the state as ``directory/name`` atomically; ``last_checkpoint`` then names it (unless
-        ``update_last`` is false). A state whose loss became non-finite is never saved: the pending losses are
-        checked first.
+    def save(self, name: str, update_last: bool = True, replaces: tuple[str, ...] = ()) -> Path:
+        """Saves the state as ``directory/name`` atomically; then ``last_checkpoint`` names it (unless
+        ``update_last`` is false) and the checkpoints named in ``replaces`` are removed. A state whose loss (or,
+        with ``checkpoint=dict(check_finite_params=True)``, a parameter) became non-finite is never saved: the
+        pending checks are read first.
 
         In a data-parallel run every rank holds the same state and rank 0 alone writes it; a sharded state is
         written by all ranks, each its rows. Either way the checkpoint does not depend on the number of ranks.
+        With ``checkpoint=dict(async_save=True)`` (and an unsharded state) the state is copied to host memory
+        and written on a background thread; the pointer moves and old checkpoints go only once it is in place.
         """
         runner = self.runner
         if runner.train_loop is not None:
@@ -74,53 +83,79 @@ class Checkpointer:
         extra = self.metadata()
         runner.call_hook("before_save_checkpoint", checkpoint=extra)
         path = self.directory / name
+
+        def published(path: Path) -> None:
+            if update_last:
+                fileio.replace_atomically(self.last_checkpoint, str(path).encode())
+            for old in replaces:
+                shutil.rmtree(self.directory / old, ignore_errors=True)
+
         if runner.sharded:
             checkpoint.save_state(runner.state, path, extra=extra, shards=shard_layout(runner.model, runner.state))
+            if runner.rank == 0:
+                published(path)
         elif runner.rank == 0:
-            checkpoint.save_state(runner.state, path, extra=extra)
-        if update_last and runner.rank == 0:
-            fileio.replace_atomically(self.last_checkpoint, str(path).encode())
+            background = self.async_save and not self.blocking
+            checkpoint.save_state(runner.state, path, extra=extra, blocking=not background, on_saved=published)
         return path
+
+    def wait(self) -> None:
+        """Waits until a checkpoint being written in the background is in place (raising its error)."""
+        checkpoint.wait_for_saves()
 
     def save_rolling(self, name: str, max_keep: int) -> Path:
         """Saves ``name``, then removes the oldest rolling checkpoints beyond ``max_keep`` (``-1``: keep all)."""
-        path = self.save(name)
         self.kept.append(name)
+        removed = []
         while 0 < max_keep < len(self.kept):
-            self._remove(self.kept.pop(0))
-        return path
+            removed.append(self.kept.pop(0))
+        return self.save(name, replaces=tuple(removed))
 
     def save_if_best(self, metric: str, value: float, rule: str, name: str) -> bool:
         """Saves ``name`` (replacing the previous best) if ``value`` of ``metric`` beats the best so far."""
         if self.best_value is not None and improvement(value, self.best_value, rule) <= 0:
             return False
         self.best_value = value
-        self.save(name, update_last=False)
-        if self.best_path and self.best_path != name:
-            self._remove(self.best_path)
+        previous = self.best_path if self.best_path and self.best_path != name else None
+        self.save(name, update_last=False, replaces=(previous,) if previous else ())
         self.best_path = name
         return True
-
-    def _remove(self, name: str) -> None:
-        if self.runner.rank == 0:
-            shutil.rmtree(self.directory / name, ignore_errors=True)
 
     # -- loading -----------------------------------------------------------------------------------------------
 
     def load(self, path: str | Path) -> tuple[TrainState, dict[str, Any]]:
-        """A checkpoint's state: whole, or this rank's rows of it for a sharded model."""
+        """A checkpoint's state (whole, or this rank's rows of it for a sharded model) and metadata, after
+        checking, before reading any tensor, that it is a state of this run's model and optimizer."""
         runner = self.runner
-        return checkpoint.load_state(path, shards=checkpoint_shard_layout(runner.model) if runner.sharded else None)
+        meta = checkpoint.read_manifest(path)
+        expected_structure, leaves = tree.flatten(runner.state)
+        if meta["structure"] != expected_structure:
+            raise CheckpointError(
+                f"resume={path}: the checkpoint's state does not match this run's model and "
+                f"optimizer: {tree.describe_difference(expected_structure, meta['structure'])}"
+            )
+        for entry, leaf in zip(meta["tensors"], leaves):
+            if entry["dtype"] != leaf.dtype or (not runner.sharded and list(entry["shape"]) != list(leaf.shape)):
+                raise CheckpointError(
+                    f"resume={path}: {entry['name']} is {entry['dtype']} {list(entry['shape'])} in the checkpoint, "
+                    f"{leaf.dtype} {list(leaf.shape)} in this run"
+                )
+        state, extra = checkpoint.load_state(
+            path, shards=checkpoint_shard_layout(runner.model) if runner.sharded else None
+        )
+        check_position(path, extra, int(state["step"]), runner.train_loop)
+        return state, extra
 
     def load_weights(self, path: str | Path) -> None:
         """Copies a checkpoint's params and buffers into the runner's state (``load_from``): a funceng checkpoint
-        (a directory; names must match) or an MMEngine / PyTorch ``.pth`` file (read without unpickling code;
-        loaded non-strictly, as MMEngine does, each difference logged: `funceng.mmengine_format`)."""
-        if Path(path).is_file():
+        (a directory; names must match), a ``.safetensors`` weights file (`funceng.save_weights`, a model hub's)
+        or an MMEngine / PyTorch ``.pth`` file (read without unpickling code; loaded non-strictly, as MMEngine
+        does, each difference logged: `funceng.mmengine_format`)."""
+        if not Path(path).is_dir():
             mmengine_format.load_weights(self.runner.state, path, self.runner.logger)
             self.runner.logger.info(f"Load checkpoint from {path}")
             return
-        loaded, _ = self.load(path)
+        loaded, _ = checkpoint.load_state(path)
         state = self.runner.state
         for part in ("params", "buffers"):
             expected, got = set(state[part].keys()), set(loaded[part].keys())
@@ -134,15 +169,24 @@ class Checkpointer:
 
     def resume_candidates(self) -> list[Path]:
         """``last_checkpoint``'s target first, then every other checkpoint (newest iteration first)."""
-        candidates = [Path(self.last_checkpoint.read_text().strip())] if self.last_checkpoint.exists() else []
+        candidates = []
+        if os.path.lexists(self.last_checkpoint):
+            try:
+                candidates.append(checkpoint.read_pointer(self.last_checkpoint))
+            except CheckpointError as exc:
+                self.runner.logger.warning(f"Ignoring last_checkpoint: {exc}; looking for checkpoints instead.")
         found = []
         for folder in dict.fromkeys([self.runner.work_dir, self.directory]):
             for path in folder.iterdir() if folder.is_dir() else []:
-                if path.is_dir() and not path.name.startswith(".") and (path / "meta.json").exists():
-                    try:
-                        found.append((int(checkpoint.read_meta(path)["extra"].get("iter", -1)), path.name, path))
-                    except (CheckpointError, KeyError, TypeError, ValueError):
-                        found.append((-1, path.name, path))
+                if path.name.startswith(".") or not path.is_dir() or path.is_symlink():
+                    continue
+                if not any(os.path.lexists(path / name) for name in (manifest.NAME, manifest.LEGACY_NAME)):
+                    continue
+                try:
+                    iteration = checkpoint.read_manifest(path)["extra"].get("iter", -1)
+                    found.append((iteration if type(iteration) is int else -1, path.name, path))
+                except CheckpointError:
+                    found.append((-1, path.name, path))
         return candidates + [p for _, _, p in sorted(found, reverse=True) if p not in candidates]
 
     def resume(self, resume_from: bool | str | Path) -> None:
@@ -157,12 +201,6 @@ class Checkpointer:
         else:
             candidates = [Path(resume_from)]
         path, loaded, extra = self._first_loadable(candidates)
-        expected, got = tree.flatten(runner.state)[0], tree.flatten(loaded)[0]
-        if expected != got:
-            raise CheckpointError(
-                f"resume={path}: the checkpoint's state does not match this run's model and "
-                f"optimizer: {tree.describe_difference(expected, got)}"
-            )
         runner.state.update_(loaded)
         runner.train_loop.restore(extra)
         for i, hook in enumerate(runner.hooks):
@@ -195,3 +233,27 @@ class Checkpointer:
             saved = next((v for k, v in extra.get("hooks", {}).items() if k.endswith(":CheckpointHook")), {})
         self.kept = list(saved.get("kept", []))
         self.best_value, self.best_path = saved.get("best_value"), saved.get("best_path")
+
+
+def check_position(path: str | Path, extra: dict[str, Any], step: int, loop: Any) -> None:
+    """Refuses a checkpoint whose recorded position contradicts itself or its state (an edited ``extra``):
+    resuming from it would train the wrong data or nothing at all, silently."""
+    if loop is None:
+        return
+    where = f"checkpoint {path}: field extra"
+    for key in ("epoch", "iter", "batch"):
+        if type(extra.get(key)) is not int or extra[key] < 0:
+            raise CheckpointError(f"{where}.{key} must be a non-negative int, got {extra.get(key)!r:.40}")
+    if extra["iter"] != step:
+        raise CheckpointError(f"{where}.iter is {extra['iter']} but its state has taken {step} steps")
+    per_epoch = extra.get("batches_per_epoch")
+    if loop.by_epoch and type(per_epoch) is int and extra.get("world_size") == loop.runner.world_size:
+        if extra["epoch"] * per_epoch + extra["batch"] != extra["iter"]:
+            raise CheckpointError(
+                f"{where}: epoch {extra['epoch']}, batch {extra['batch']} of {per_epoch} per epoch is not "
+                f"iteration {extra['iter']}"
+            )
+    for key in ("rng", "rng_epoch_start"):
+        problem = rng.check_states(extra.get(key)) if extra.get(key) or key == "rng" else None
+        if problem:
+            raise CheckpointError(f"{where}.{key}: {problem.removeprefix('rng ')}")

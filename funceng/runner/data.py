@@ -10,6 +10,7 @@ then continues with the generators as they were saved.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -147,23 +148,6 @@ def is_ragged(loader: Any) -> bool:
     return len(dataset) % batch_size != 0
 
 
-class _SkipBatches(Sampler):
-    """A batch sampler that drops its first ``skip`` batches of indices, then calls ``on_skipped``."""
-
-    def __init__(self, batch_sampler: Any, skip: int, on_skipped: Callable[[], None]):
-        self.batch_sampler, self.skip, self.on_skipped = batch_sampler, skip, on_skipped
-
-    def __iter__(self):
-        batches = iter(self.batch_sampler)
-        for _ in range(self.skip):
-            next(batches, None)
-        self.on_skipped()
-        yield from batches
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
-
-
 def resume_position(loader: Any, skip: int, epoch_start: dict, saved: dict) -> tuple[Any, str]:
     """An iterable over ``loader``'s current epoch from batch ``skip`` on, with the generators as they were saved
     (``epoch_start`` and ``saved``: `funceng.rng.capture_global` states).
@@ -173,8 +157,7 @@ def resume_position(loader: Any, skip: int, epoch_start: dict, saved: dict) -> t
     """
     rng.restore_global(epoch_start, loader)
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None and skip > 0:
-        sampler = _SkipBatches(loader.batch_sampler, skip, lambda: rng.restore_global(saved, loader))
-        return DataLoader(loader.dataset, batch_sampler=sampler, **loading_options(loader)), "sampler"
+        return train_pass_loader(loader, skip, lambda: rng.restore_global(saved, loader)), "sampler"
 
     def reread():
         batches = iter(loader)
@@ -184,3 +167,82 @@ def resume_position(loader: Any, skip: int, epoch_start: dict, saved: dict) -> t
         yield from batches
 
     return reread(), "re-reading"
+
+
+def train_pass_loader(loader: Any, skip: int = 0, on_skipped: Callable[[], None] | None = None) -> Any:
+    """The loader one training pass reads: ``loader`` itself, or for a map-style `DataLoader` that has worker
+    processes or must skip batches, a copy of it whose batches are seeded and numbered.
+
+    In a worker process, each batch is loaded with torch's, numpy's and Python's generators seeded from the
+    pass's seed (drawn from the loader's generator when the pass starts) and the batch's index, so its random
+    augmentations depend on neither the worker that loads it nor the batches before it: skipping the first
+    ``skip`` batches on resume gives the same data as the uninterrupted pass. Workers ignore SIGTERM and SIGINT:
+    the main process handles them (saving a checkpoint) and stops the workers itself.
+    """
+    if not isinstance(loader, DataLoader) or loader.batch_sampler is None or (loader.num_workers == 0 and not skip):
+        return loader
+    options = loading_options(loader)
+    if loader.num_workers > 0:
+        options["worker_init_fn"] = _WorkerInit(loader.worker_init_fn)
+    batches = _SeededBatches(loader.batch_sampler, loader.generator, skip, on_skipped or (lambda: None))
+    return DataLoader(_SeededDataset(loader.dataset), batch_sampler=batches, **options)
+
+
+class _SeededBatch(list):
+    """A batch of indices that carries the seed its samples are loaded with."""
+
+    seed: int
+
+
+class _SeededBatches(Sampler):
+    """``batch_sampler``'s batches from ``skip`` on, each a `_SeededBatch`; ``on_skipped`` runs once skipped."""
+
+    def __init__(self, batch_sampler: Any, generator: Any, skip: int, on_skipped: Callable[[], None]):
+        self.batch_sampler, self.generator, self.skip, self.on_skipped = batch_sampler, generator, skip, on_skipped
+
+    def __iter__(self):
+        pass_seed = int(torch.randint(2**62, (), generator=self.generator))
+        batches = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            next(batches, None)
+        self.on_skipped()
+        for index, indices in enumerate(batches, self.skip):
+            batch = _SeededBatch(indices)
+            batch.seed = (pass_seed + index * 0x9E3779B97F4A7C15) % 2**63
+            yield batch
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+
+class _SeededDataset(torch.utils.data.Dataset):
+    """``dataset``, fetched a batch at a time; in a worker process the generators are first seeded from the
+    batch's seed."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __getitems__(self, batch: list) -> list:
+        if isinstance(batch, _SeededBatch) and torch.utils.data.get_worker_info() is not None:
+            rng.seed_everything(batch.seed)
+        fetch = getattr(self.dataset, "__getitems__", None)
+        return fetch(list(batch)) if fetch else [self.dataset[i] for i in batch]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class _WorkerInit:
+    """A worker's start: SIGTERM and SIGINT ignored (the main process handles them), then ``user_fn``."""
+
+    def __init__(self, user_fn: Callable[[int], None] | None):
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)

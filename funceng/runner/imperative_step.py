@@ -23,6 +23,7 @@ from funceng.loss import parse_loss
 from funceng.optim.constructors import build_optim_wrapper, is_wrapper_object
 from funceng.optim.imperative import BoundUpdate, OptimWrapperDict
 from funceng.registry import OPTIMIZERS, keyword_parameters
+from funceng.runner.log import log_frozen
 from funceng.runner.optim_wrapper import IMPLEMENTATION_OPTIONS, injectable
 from funceng.runner.param_scheduler import ScheduledHyperparams, TrainLength, schedule_tables, train_length
 from funceng.state import trainable_names
@@ -182,7 +183,7 @@ def build_imperative_training(runner: Any, loader: Any) -> None:
             "train_step(data, optim_wrapper) to say which loss each one minimises"
         )
     setup = WrapperOptimizer(wrappers, runner.model, runner.param_scheduler, train_length(runner.train_loop, loader))
-    runner.log_frozen(setup.unoptimized(), why="being in no optimizer's param groups")
+    log_frozen(runner, setup.unoptimized(), why="being in no optimizer's param groups")
     runner.create_state(setup.tx)
     for hyperparams in setup.hyperparams.values():
         hyperparams.locate(runner.state["opt_state"])

@@ -169,3 +169,13 @@ def build_log_processor(cfg: Mapping[str, Any] | None, loop_by_epoch: bool) -> d
     if cfg.get("mean_pattern", r".*(loss|time|data_time|grad_norm).*") != r".*(loss|time|data_time|grad_norm).*":
         raise ConfigError("log_processor.mean_pattern is not supported: funceng averages every logged loss and time")
     return {"window_size": 10**9 if window == "global" else window, "by_epoch": loop_by_epoch}
+
+
+def log_frozen(runner: Any, by_lr_mult: tuple[str, ...], why: str = "paramwise_cfg lr_mult=0") -> None:
+    """Says once which parameters the run leaves unchanged, and why."""
+    no_grad = [name for name, p in runner.model.named_parameters() if not p.requires_grad]
+    by_lr_mult = tuple(name for name in by_lr_mult if name not in no_grad)
+    for names, reason in ((no_grad, "requires_grad=False"), (by_lr_mult, why)):
+        if names:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+            runner.logger.info(f"Frozen by {reason}: {len(names)} parameters stay unchanged ({shown})")

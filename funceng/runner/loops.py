@@ -10,11 +10,9 @@ switch off.
 from __future__ import annotations
 
 import bisect
-import collections
-import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,8 +20,9 @@ import torch
 from funceng import dist, rng
 from funceng.errors import ConfigError, check_keys
 from funceng.registry import LOOPS
-from funceng.runner.data import resume_position, to_device
+from funceng.runner.data import resume_position, to_device, train_pass_loader
 from funceng.runner.env import StopSignals
+from funceng.runner.finite_check import NonFiniteCheck
 from funceng.step import TrainStep
 
 if TYPE_CHECKING:
@@ -52,47 +51,6 @@ class IterTimer:
         self._tick = now
 
 
-class NonFiniteLossCheck:
-    """Stops a run whose loss became NaN or infinite, naming the first such iteration.
-
-    Losses are read ``lag`` iterations late (0 on the CPU, 2 on CUDA), from host copies started right after
-    each step, so checking never stalls the device; every rank reads the same (averaged) loss at the same
-    iteration, so all stop together. `check` reads everything pending: the loop calls it before a checkpoint,
-    a validation and the end of training, so no non-finite state is ever saved or evaluated.
-    """
-
-    def __init__(self, describe: Callable[[int], str], lag: int):
-        self.describe, self.lag = describe, lag
-        self.pending: collections.deque = collections.deque()
-
-    def record(self, iteration: int, loss: torch.Tensor) -> None:
-        if loss.is_cuda:
-            host = torch.empty((), dtype=loss.dtype, pin_memory=True).copy_(loss, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = loss, None
-        self.pending.append((iteration, host, ready))
-        while len(self.pending) > self.lag:
-            self._check_oldest()
-
-    def check(self) -> None:
-        while self.pending:
-            self._check_oldest()
-
-    def _check_oldest(self) -> None:
-        iteration, host, ready = self.pending.popleft()
-        if ready is not None:
-            ready.synchronize()
-        value = float(host)
-        if not math.isfinite(value):
-            self.pending.clear()
-            raise FloatingPointError(
-                f"the loss became {value} at iteration {iteration} ({self.describe(iteration)}); training stopped. "
-                "Lower the learning rate, clip gradients (optim_wrapper.clip_grad) or check the data."
-            )
-
-
 class TrainLoop:
     """What epoch- and iteration-based training share: the position in the run and the iteration itself."""
 
@@ -116,7 +74,7 @@ class TrainLoop:
         self.stop_training = False
         self.timer = runner.timer
         self.train_step: TrainStep | None = None  # built by the Runner with the optimizer
-        self.nonfinite: NonFiniteLossCheck | None = None
+        self.nonfinite: NonFiniteCheck | None = None
         # iterations the loss check may trail the step by: 0 on the CPU (nothing runs ahead), 2 on CUDA
         self.nonfinite_lag = 2 if runner.device.type == "cuda" else 0
         self.signals: StopSignals | None = None
@@ -136,7 +94,7 @@ class TrainLoop:
         runner = self.runner
         if self.dataloader is None:
             raise ConfigError("train() needs a train_dataloader")
-        self.nonfinite = NonFiniteLossCheck(self.describe, self.nonfinite_lag)
+        self.nonfinite = NonFiniteCheck(self.describe, self.nonfinite_lag, runner.logger)
         runner.call_hook("before_run")
         runner.call_hook("before_train")
         with StopSignals(runner.world_size) as self.signals:
@@ -145,6 +103,7 @@ class TrainLoop:
                 self.check_finite()
             finally:
                 runner.sync_model()
+                runner.checkpointer.wait()  # a checkpoint still being written in the background
         runner.call_hook("after_train")
         runner.call_hook("after_run")
         return runner.model
@@ -163,7 +122,8 @@ class TrainLoop:
             runner.state, metrics = self.train_step(runner.state, to_device(batch, runner.device))
         self.iter += 1
         self.batches_done = batch_idx + 1
-        self.nonfinite.record(self.iter, metrics["loss"])
+        params = runner.state["params"] if runner.checkpointer.check_finite_params else None
+        self.nonfinite.record(self.iter, metrics["loss"], metrics.get("loss_scale"), params)
         self.timer.end_iter()
         self.call_lagging_hook("iter", "after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
         signum = self.signals.received()
@@ -181,6 +141,7 @@ class TrainLoop:
     def _checkpoint_and_exit(self, signum: int) -> None:
         """After SIGTERM / SIGINT: saves ``iter_N``, waits for every rank to have done so, and exits."""
         runner = self.runner
+        runner.checkpointer.blocking = True  # in place before exiting
         path = runner.save_checkpoint(f"iter_{self.iter}")
         dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
         runner.logger.info(
@@ -224,11 +185,11 @@ class TrainLoop:
             loader.sampler.set_epoch(self.epoch if self.by_epoch else self.iter // len(loader))
         if point is None:
             self._epoch_start_rng = rng.capture_global(loader)
-            return self.timer.batches(loader)
+            return self.timer.batches(train_pass_loader(loader))
         if point["batch"] == 0:
             rng.restore_global(point["rng"], loader)
             self._epoch_start_rng = point["rng"]
-            return self.timer.batches(loader)
+            return self.timer.batches(train_pass_loader(loader))
         self._epoch_start_rng = point["rng_epoch_start"]
         source, how = resume_position(loader, point["batch"], point["rng_epoch_start"], point["rng"])
         self.runner.logger.info(
@@ -250,6 +211,7 @@ class TrainLoop:
             "by_epoch": self.by_epoch,
             "world_size": self.runner.world_size,
             "samples": self.batches_done * self.global_batch_size(),
+            "batches_per_epoch": len(self.dataloader),
             "rng": rng.capture_global(self.dataloader),
             "rng_epoch_start": self._epoch_start_rng,
             "validated": self.validated,

@@ -30,7 +30,7 @@ from funceng.runner.eval_loops import EvalLoop, build_eval_loop
 from funceng.runner.hooks import CheckpointHook, EMAHook, Hook, build_hooks
 from funceng.runner.hooks.plateau_hook import ReduceOnPlateauHook
 from funceng.runner.imperative_step import build_imperative_training, trains_imperatively
-from funceng.runner.log import build_log_processor
+from funceng.runner.log import build_log_processor, log_frozen
 from funceng.runner.loops import IterTimer, build_train_loop
 from funceng.runner.model_wrappers import wrap_model
 from funceng.runner.optim_wrapper import build_optimizer, config_facade, scale_lr
@@ -40,6 +40,7 @@ from funceng.sharding import is_sharded
 from funceng.state import TrainState
 from funceng.step import make_train_step
 from funceng.tree import flatten
+from funceng.weights import save_weights
 
 
 class Runner(RunnerCounters):
@@ -78,6 +79,7 @@ class Runner(RunnerCounters):
         auto_scale_lr: Mapping | None = None,
         model_wrapper_cfg: Mapping | None = None,
         log_processor: Mapping | None = None,
+        checkpoint: Mapping | None = None,
     ):
         self.work_dir = Path(work_dir).resolve()
         if self.work_dir.exists() and not self.work_dir.is_dir():
@@ -109,7 +111,8 @@ class Runner(RunnerCounters):
         if self.sharded and any(isinstance(h, EMAHook) for h in self.hooks):
             raise ConfigError("custom_hooks: EMAHook cannot evaluate an averaged copy of a sharded model")
         out_dir = next((h.out_dir for h in self.hooks if isinstance(h, CheckpointHook) and h.out_dir), None)
-        self.checkpointer = Checkpointer(self, Path(out_dir) / self.work_dir.name if out_dir else self.work_dir)
+        checkpoints = Path(out_dir) / self.work_dir.name if out_dir else self.work_dir
+        self.checkpointer = Checkpointer(self, checkpoints, checkpoint)  # checkpoint: async_save, check_finite_params
         compat.note_metrics(m for loop in (self.val_loop, self.test_loop) if loop for m in loop.evaluator.metrics)
         self.timestamp, self.log_dir, self.logger = open_run_log(self.env, self.work_dir, log_level)
         self.experiment_name = experiment_name or self.timestamp
@@ -220,7 +223,7 @@ class Runner(RunnerCounters):
         length = train_length(self.train_loop, loader)
         device = next(self.model.parameters()).device
         setup = build_optimizer(self.optim_wrapper, self.model, self.param_scheduler, length, self.sharded, device)
-        self.log_frozen(setup.frozen)
+        log_frozen(self, setup.frozen)
         if setup.hyperparams.tables.plateaus:  # fed by validation metrics, between steps
             plateau = ReduceOnPlateauHook(setup.hyperparams.tables.plateaus, setup.hyperparams)
             self.hooks = sorted([*self.hooks, plateau], key=lambda h: h.priority_value)
@@ -239,15 +242,6 @@ class Runner(RunnerCounters):
         )
         facade = config_facade(self, self.optim_wrapper, setup.hyperparams)
         self.optim_wrapper_cfg, self.optim_wrapper = self.optim_wrapper, facade
-
-    def log_frozen(self, by_lr_mult: tuple[str, ...], why: str = "paramwise_cfg lr_mult=0") -> None:
-        """Says once which parameters the run leaves unchanged, and why."""
-        no_grad = [name for name, p in self.model.named_parameters() if not p.requires_grad]
-        by_lr_mult = tuple(name for name in by_lr_mult if name not in no_grad)
-        for names, reason in ((no_grad, "requires_grad=False"), (by_lr_mult, why)):
-            if names:
-                shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
-                self.logger.info(f"Frozen by {reason}: {len(names)} parameters stay unchanged ({shown})")
 
     def create_state(self, tx: Any) -> None:
         """The state for ``tx``: the model's current weights, the hooks' extra tensors, rank 0's values on every
@@ -281,6 +275,10 @@ class Runner(RunnerCounters):
     def save_checkpoint(self, name: str, update_last: bool = True) -> Path:
         """Saves the state as checkpoint ``name`` (see `funceng.runner.checkpointer.Checkpointer.save`)."""
         return self.checkpointer.save(name, update_last)
+
+    def save_weights(self, path: str | os.PathLike) -> Path:
+        """Writes the model's weights as a ``state_dict``-compatible safetensors file (`funceng.save_weights`)."""
+        return save_weights(self.state, path)
 
     def call_hook(self, stage: str, **kwargs: Any) -> None:
         for hook in self.hooks:
