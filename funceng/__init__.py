@@ -9,6 +9,7 @@ from funceng.registry import Registry
 from funceng.state import TrainState
 from funceng.step import make_eval_step, make_train_step
 from funceng.version import __version__
+from funceng.weights import export_state_dict, save_weights
 
 __all__ = [
     "CheckpointError",
@@ -19,11 +20,13 @@ __all__ = [
     "Registry",
     "TrainState",
     "__version__",
+    "export_state_dict",
     "make_eval_step",
     "make_train_step",
     "optim",
     "load_state",
     "parse_loss",
     "save_state",
+    "save_weights",
     "schedules",
 ]

@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,23 +97,47 @@ def is_collective_failure(exc: BaseException) -> bool:
     """Whether ``exc`` came from a failed collective (a peer that died, a timeout) rather than from user code."""
     if isinstance(exc, torch_dist.DistError):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed", "imed out")
-    )
+    text = str(exc).lower()
+    markers = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "pair closure")
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in markers)
+
+
+def unresponsive_ranks(grace_s: float = 3.0) -> list[int] | None:
+    """After a collective failed: the ranks that did not report the failure too within ``grace_s`` seconds
+    (a rank blocked in the same collective times out and reports; a stopped, hung or dead one does not), through
+    the process group's store. ``None`` if the store cannot tell (the rank that hosts it is the stopped one)."""
+    me, world = get_rank(), get_world_size()
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=grace_s))
+        store.set(f"funceng/collective_failed/{me}", "1")
+        missing = [r for r in range(world) if r != me]
+        deadline = time.monotonic() + grace_s
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"funceng/collective_failed/{r}"])]
+            time.sleep(0.05)
+        return missing
+    except Exception:  # the store itself is unreachable: say nothing rather than guess
+        return None
 
 
 @contextlib.contextmanager
 def naming_collective_failures(during: str) -> Iterator[None]:
-    """Turns a failed collective (a rank died or hung) into a `DistributedError` saying where it happened."""
+    """Turns a failed collective (a rank died or hung) into a `DistributedError` naming this rank, the
+    collective and the ranks that stopped responding."""
     try:
         yield
     except RuntimeError as exc:
         if get_world_size() > 1 and is_collective_failure(exc):
+            missing = unresponsive_ranks()
+            if missing:
+                who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not reach it "
+                who += "(stopped, hung or dead)"
+            else:
+                who = "another rank died or stopped responding"
             raise DistributedError(
-                f"rank {get_rank()}: a collective failed during {during}: another rank died or stopped "
-                f"responding (see its log; collectives time out after env_cfg.dist_cfg.timeout). "
-                f"{type(exc).__name__}: {exc}"
+                f"rank {get_rank()}: a collective failed during {during}: {who}; see its log (collectives time "
+                f"out after env_cfg.dist_cfg.timeout). {type(exc).__name__}: {exc}"
             ) from exc
         raise
 
@@ -175,7 +200,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src)
+    with naming_collective_failures(f"a broadcast from rank {src}"):
+        torch_dist.broadcast_object_list(box, src)
     return box[0]
 
 
@@ -184,13 +210,15 @@ def gather_objects(obj: Any) -> list[Any]:
     if not is_distributed():
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
-    torch_dist.all_gather_object(gathered, obj)
+    with naming_collective_failures("an all-gather of values from every rank"):
+        torch_dist.all_gather_object(gathered, obj)
     return gathered
 
 
 def barrier() -> None:
     if is_distributed():
-        torch_dist.barrier()
+        with naming_collective_failures("a barrier"):
+            torch_dist.barrier()
 
 
 def collect_results(results: list[Any], size: int) -> list[Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from funceng import checkpoint, fileio
 from funceng.errors import CheckpointError
 from funceng.safetensors_io import MAX_HEADER_BYTES, open_regular, read_file
+from funceng.weights import export_state_dict
 
 # what a pickled state_dict needs: tensors and their containers; every other global a file names is skipped
 _ALLOWED_GLOBALS = {
@@ -138,10 +138,7 @@ def load_weights(state: Any, path: str | os.PathLike, logger: Any) -> None:
             logger.warning(f"load_from={path}: {what}: {', '.join(names)}")
 
 
-def state_dict(state: Any) -> OrderedDict[str, torch.Tensor]:
-    """The state's weights as a module's ``state_dict``: params then buffers, by name."""
-    items = [*state["params"].items(), *state["buffers"].items()]
-    return OrderedDict((name, tensor.detach().cpu().clone()) for name, tensor in items)
+state_dict = export_state_dict  # the weights a .pth file holds
 
 
 def write_pth(

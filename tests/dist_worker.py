@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -166,6 +167,22 @@ def run_die(out: Path, args) -> None:
     runner.train()
 
 
+class StopAt(Hook):
+    """Rank 1 stops (SIGSTOP: alive, holding its sockets open, answering nothing) before iteration N."""
+
+    def __init__(self, iteration: int):
+        self.iteration = iteration
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if runner.rank == 1 and runner.iter + 1 == self.iteration:
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def run_hang(out: Path, args) -> None:
+    runner = build_runner(out / "work", GLOBAL_BATCH // 2, custom_hooks=[StopAt(4)])
+    runner.train()
+
+
 def run_buffers(out: Path, args) -> None:
     """BatchNorm statistics after an epoch on each rank's own shard, without and with SyncBuffersHook; and a
     user-built loader with a sampler that cannot be sharded."""
@@ -250,7 +267,7 @@ def run_step(out: Path, args) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["runner", "die", "step", "buffers", "seed"])
+    parser.add_argument("scenario", choices=["runner", "die", "hang", "step", "buffers", "seed"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--resume-from", help="a checkpoint, or 'auto' for the work_dir's newest")
@@ -258,5 +275,12 @@ if __name__ == "__main__":
     parser.add_argument("--user-loaders", action="store_true", help="pass DataLoaders instead of config dicts")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each iteration")
     args = parser.parse_args()
-    scenarios = {"runner": run_runner, "die": run_die, "step": run_step, "buffers": run_buffers, "seed": run_seed}
+    scenarios = {
+        "runner": run_runner,
+        "die": run_die,
+        "hang": run_hang,
+        "step": run_step,
+        "buffers": run_buffers,
+        "seed": run_seed,
+    }
     scenarios[args.scenario](args.out, args)

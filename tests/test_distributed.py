@@ -171,7 +171,33 @@ def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
     assert elapsed < TIMEOUT_S + 30
     failure = "DistributedError: rank 0: a collective failed during the train step at iteration 4 (epoch 1, batch 4)"
     assert failure in outputs[0][1]
-    assert "another rank died or stopped responding" in outputs[0][1]
+    assert "rank 1 did not reach it (stopped, hung or dead)" in outputs[0][1]
+
+
+def test_a_stopped_rank_makes_the_others_fail_naming_it_and_the_collective_within_the_timeout(tmp_path):
+    """A rank that hangs (SIGSTOP: alive, its connections open) is named, within the configured timeout."""
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29900 + os.getpid() % 90), "WORLD_SIZE": "2"}
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "hang", str(tmp_path)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(2)
+    ]
+    try:
+        _, err = procs[0].communicate(timeout=TIMEOUT_S + 60)
+        elapsed = time.monotonic() - start
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode != 0
+    assert elapsed < TIMEOUT_S + 20, elapsed
+    assert "DistributedError: rank 0: a collective failed during the train step at iteration 4" in err, err[-3000:]
+    assert "rank 1 did not reach it (stopped, hung or dead)" in err, err[-3000:]
 
 
 def test_torchrun_stops_the_job_when_a_rank_dies(tmp_path):

@@ -14,14 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from funceng import optim
-from funceng.checkpoint import read_meta
+from funceng.checkpoint import load_state, read_meta
 from funceng.errors import ConfigError
 from funceng.model import BaseModel
 from funceng.registry import Registry
 from funceng.runner import Hook, Runner
 from funceng.runner.finite_check import NonFiniteCheck
 
-from .runner_fixtures import dataset, runner_kwargs
+from .runner_fixtures import TinyNet, dataset, runner_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,3 +287,94 @@ def test_a_runner_used_as_a_context_manager_closes_its_log_and_scalars(tmp_path)
     assert "Epoch(val) [2][3/3]" in log
     lines = (runner.log_dir / "vis_data" / "scalars.json").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines][-1] == 2
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_an_fp16_step_skipped_for_a_non_finite_loss_is_logged_with_the_loss_scale_not_an_error(
+    tmp_path, compile, capsys
+):
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            train_dataloader=nan_in_third_batch(),
+            compile=compile,
+            optim_wrapper=dict(type="AmpOptimWrapper", dtype="float16", optimizer=dict(type="SGD", lr=0.1)),
+            train_cfg=dict(by_epoch=True, max_epochs=1),
+            default_hooks=dict(checkpoint=dict(interval=1, by_epoch=False)),
+        )
+    )
+    runner.train()
+    out = capsys.readouterr().out
+    assert "The loss was nan at iteration 3 (epoch 1, batch 3) under fp16: the optimizer step was skipped" in out
+    assert "the loss scale is now 32768" in out
+    third = load_state(tmp_path / "work" / "iter_3")[0]
+    second = load_state(tmp_path / "work" / "iter_2")[0]
+    assert (third["params"] == second["params"]).all()  # the skipped step left the weights as they were
+    assert all(torch.isfinite(p).all() for p in third["params"].values())
+    assert runner.iter == 10
+
+
+class SpareParameterNet(TinyNet):
+    """TinyNet with a parameter its loss does not use: only the parameter check can see it go bad."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = torch.nn.Parameter(torch.zeros(2))
+
+
+class CorruptSpareAfter(Hook):
+    def __init__(self, iteration: int):
+        self.iteration = iteration
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration:
+            runner.state["params"]["spare"].fill_(float("inf"))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_check_finite_params_stops_before_saving_a_non_finite_parameter_and_names_the_iteration(tmp_path, compile):
+    torch.manual_seed(0)
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            model=SpareParameterNet(),
+            compile=compile,
+            checkpoint=dict(check_finite_params=True),
+            custom_hooks=[CorruptSpareAfter(3)],
+            default_hooks=dict(checkpoint=dict(interval=1, by_epoch=False)),
+        )
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"a parameter is NaN or infinite after iteration 3 \(epoch 1, batch 3\)"
+    ):
+        runner.train()
+    assert sorted(p.name for p in (tmp_path / "work").glob("iter_*")) == ["iter_1", "iter_2"]
+    assert Path((tmp_path / "work" / "last_checkpoint").read_text()).name == "iter_2"
+
+
+def test_check_finite_params_names_the_iteration_a_parameter_went_bad_without_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    runner = Runner(
+        **runner_kwargs(
+            tmp_path,
+            model=SpareParameterNet(),
+            checkpoint=dict(check_finite_params=True),
+            custom_hooks=[CorruptSpareAfter(3)],
+            default_hooks=dict(checkpoint=None),
+        )
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"a parameter became NaN or infinite at iteration 4 \(epoch 1, batch 4\)"
+    ):
+        runner.train()
+    torch.manual_seed(0)
+    unchecked = Runner(
+        **runner_kwargs(
+            tmp_path / "b",
+            model=SpareParameterNet(),
+            custom_hooks=[CorruptSpareAfter(3)],
+            default_hooks=dict(checkpoint=None),
+        )
+    )
+    unchecked.train()  # the loss never sees the spare parameter: without the check, nothing stops
+    assert torch.isinf(unchecked.state["params"]["spare"]).all()

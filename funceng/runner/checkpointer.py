@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from funceng import checkpoint, dist, fileio, manifest, mmengine_format, rng, tree
 from funceng.errors import CheckpointError, check_keys
 from funceng.evaluator import improvement
+from funceng.runner.finite_check import all_finite
 from funceng.sharding import checkpoint_shard_layout, shard_layout
 from funceng.state import TrainState
 
@@ -80,6 +81,11 @@ class Checkpointer:
         runner = self.runner
         if runner.train_loop is not None:
             runner.train_loop.check_finite()
+            if self.check_finite_params and not bool(all_finite(list(runner.state["params"].values()))):
+                raise FloatingPointError(
+                    f"a parameter is NaN or infinite after iteration {runner.train_loop.iter} "
+                    f"({runner.train_loop.describe(runner.train_loop.iter)}): checkpoint {name} was not saved"
+                )
         extra = self.metadata()
         runner.call_hook("before_save_checkpoint", checkpoint=extra)
         path = self.directory / name

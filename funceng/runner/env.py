@@ -194,9 +194,10 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
-        if self._vote is not None:  # a collective still in flight when the process exits aborts it
-            self._vote[0].wait()
-            self._vote = None
+        vote, self._vote = self._vote, None
+        if vote is not None and exc[0] is None:  # a collective still in flight when the process exits aborts it
+            with dist.naming_collective_failures("the stop-signal vote at the end of training"):
+                vote[0].wait()
 
     def received(self) -> int | None:
         """The signal to stop for, once every rank knows of it; ``None`` to go on."""
@@ -205,7 +206,8 @@ class StopSignals:
         received = None
         if self._vote is not None:
             work, vote = self._vote
-            work.wait()
+            with dist.naming_collective_failures("the stop-signal vote of the last iteration"):
+                work.wait()
             received = int(vote.item()) or None
             self.signum = self.signum or received
             received = received and self.signum  # named by this rank's own signal if it got one

@@ -120,10 +120,10 @@ class TrainLoop:
             f"the train step at iteration {self.iter + 1} ({self.describe(self.iter + 1)})"
         ):
             runner.state, metrics = self.train_step(runner.state, to_device(batch, runner.device))
+            params = runner.state["params"] if runner.checkpointer.check_finite_params else None
+            self.nonfinite.record(self.iter + 1, metrics["loss"], metrics.get("loss_scale"), params)  # waits
         self.iter += 1
         self.batches_done = batch_idx + 1
-        params = runner.state["params"] if runner.checkpointer.check_finite_params else None
-        self.nonfinite.record(self.iter, metrics["loss"], metrics.get("loss_scale"), params)
         self.timer.end_iter()
         self.call_lagging_hook("iter", "after_train_iter", batch_idx=batch_idx, data_batch=batch, outputs=metrics)
         signum = self.signals.received()
