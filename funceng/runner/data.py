@@ -184,7 +184,8 @@ def train_pass_loader(loader: Any, skip: int = 0, on_skipped: Callable[[], None]
     options = loading_options(loader)
     if loader.num_workers > 0:
         options["worker_init_fn"] = _WorkerInit(loader.worker_init_fn)
-    batches = _SeededBatches(loader.batch_sampler, loader.generator, skip, on_skipped or (lambda: None))
+    seeded = loader.num_workers > 0
+    batches = _SeededBatches(loader.batch_sampler, loader.generator, skip, on_skipped or (lambda: None), seeded)
     return DataLoader(_SeededDataset(loader.dataset), batch_sampler=batches, **options)
 
 
@@ -195,13 +196,16 @@ class _SeededBatch(list):
 
 
 class _SeededBatches(Sampler):
-    """``batch_sampler``'s batches from ``skip`` on, each a `_SeededBatch`; ``on_skipped`` runs once skipped."""
+    """``batch_sampler``'s batches from ``skip`` on, each a `_SeededBatch` (with a seed if ``seeded``);
+    ``on_skipped`` runs once they are skipped."""
 
-    def __init__(self, batch_sampler: Any, generator: Any, skip: int, on_skipped: Callable[[], None]):
+    def __init__(self, batch_sampler: Any, generator: Any, skip: int, on_skipped: Callable[[], None], seeded: bool):
         self.batch_sampler, self.generator, self.skip, self.on_skipped = batch_sampler, generator, skip, on_skipped
+        self.seeded = seeded
 
     def __iter__(self):
-        pass_seed = int(torch.randint(2**62, (), generator=self.generator))
+        # drawn only for worker processes: a single-process pass must draw exactly what the plain loader draws
+        pass_seed = int(torch.randint(2**62, (), generator=self.generator)) if self.seeded else 0
         batches = iter(self.batch_sampler)
         for _ in range(self.skip):
             next(batches, None)
