@@ -40,6 +40,7 @@ import torch
 from funceng import background_save, dist, fileio, manifest, tree
 from funceng.background_save import PendingSave, wait_for_saves  # noqa: F401 (part of this module's API)
 from funceng.errors import CheckpointError
+from funceng.finite import finite_flags
 from funceng.safetensors_io import DTYPE_CODES, open_regular, read_file, read_verified, write_file
 from funceng.sharding import ShardLayout
 from funceng.state import TrainState
@@ -189,6 +190,24 @@ def _publish(folder: Path, path: Path, meta: dict, fresh: bool) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
+def _refuse_nonfinite(state: TrainState, path: Path) -> None:
+    named = [
+        (f"{part}/{name}", t)
+        for part in ("params", "buffers")
+        if part in state.keys()
+        for name, t in state[part].items()
+    ]
+    if not named:
+        return
+    flags = finite_flags([t for _, t in named]).tolist()
+    if not all(flags):
+        bad = named[flags.index(False)][0]
+        raise CheckpointError(
+            f"refusing to save checkpoint {path}: {bad} holds NaN or infinite values (a state that cannot train "
+            "on); pass allow_nonfinite=True to save it anyway"
+        )
+
+
 def save_state(
     state: TrainState,
     path: str | os.PathLike,
@@ -197,6 +216,7 @@ def save_state(
     shards: ShardLayout | None = None,
     blocking: bool = True,
     on_saved: Callable[[Path], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path | background_save.PendingSave:
     """Writes ``state`` (and JSON-serialisable ``extra``) to the checkpoint directory ``path``, published with one
     rename; returns ``path``, or with ``blocking=False`` a `PendingSave` at once.
@@ -205,10 +225,13 @@ def save_state(
     goes on; a second save (or the interpreter's exit) first waits for the one in flight. ``on_saved(path)`` runs
     once the checkpoint is in place (on that thread). With ``shards`` (a sharded state,
     `funceng.sharding.shard_layout`) every rank must call this, blocking: each writes the rows it holds.
+    A state whose params or buffers hold a NaN or an infinity is refused unless ``allow_nonfinite``.
     """
     path = Path(path)
     background_save.wait_for_saves()
     structure, leaves = tree.flatten(state)
+    if not allow_nonfinite:
+        _refuse_nonfinite(state, path)
     extra = dict(extra or {})
 
     def work(leaves: list[torch.Tensor], event: Any = None) -> Path:

@@ -75,3 +75,22 @@ def test_gan_memory_benchmark_reports_flat_memory_two_graphs_and_no_history():
     # columns: funceng, system, memory@100, memory@last, change, graphs, recompiles, leaves with history
     assert rows["compiled"][5:] == ["2", "0", "0"] and rows["eager"][5:] == ["0", "0", "0"], out
     assert all(abs(float(row[4].rstrip("%"))) < 5.0 for row in rows.values()), out
+
+
+def test_checkpoint_io_benchmark_times_every_system_and_the_step_during_a_background_save(tmp_path):
+    out = tmp_path / "io.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkpoint_io.py"), "--model", "tiny", "--repeats", "1"]
+        + ["--steps", "2", "--batch", "2", "--image", "32", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for row in ("funceng save_state / load_state", "torch.save / torch.load", "safetensors save_file / load_file"):
+        assert f"| {row}" in done.stdout
+    import json
+
+    figures = json.loads(out.read_text())
+    assert all(t["save"] > 0 and t["load"] > 0 for t in figures["io"].values())
+    assert set(figures["steps"]) == {"no save in flight", "background save in flight"}

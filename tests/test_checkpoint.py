@@ -314,3 +314,12 @@ def test_runner_async_save_gives_the_same_checkpoints_and_weights_as_blocking_sa
 def test_runner_checkpoint_options_are_checked():
     with pytest.raises(funceng.ConfigError, match="checkpoint: unknown key 'async' \\(did you mean 'async_save'"):
         Runner(**runner_kwargs(Path("/tmp/unused"), checkpoint=dict(async_save=True, **{"async": 1})))
+
+
+def test_a_state_with_a_non_finite_parameter_or_buffer_is_not_saved_unless_asked(state, tmp_path):
+    state["buffers"][next(iter(state["buffers"].keys()))].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save checkpoint .*/ck: buffers/1.running_mean holds NaN"):
+        save_state(state, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    save_state(state, tmp_path / "ck", allow_nonfinite=True)
+    assert torch.isnan(load_state(tmp_path / "ck")[0]["buffers"]["1.running_mean"]).any()

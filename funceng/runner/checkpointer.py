@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from funceng import checkpoint, dist, fileio, manifest, mmengine_format, rng, tree
 from funceng.errors import CheckpointError, check_keys
 from funceng.evaluator import improvement
-from funceng.runner.finite_check import all_finite
+from funceng.finite import all_finite
 from funceng.sharding import checkpoint_shard_layout, shard_layout
 from funceng.state import TrainState
 

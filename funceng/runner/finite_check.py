@@ -22,17 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from funceng.finite import all_finite
+
 MAX_SKIPPED_IN_A_ROW = 50
-
-
-def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-d bool tensor: whether every element of ``tensors`` is finite (one foreach max-norm per dtype)."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        if t.is_floating_point():
-            by_dtype.setdefault(t.dtype, []).append(t)
-    flags = [torch.stack(torch._foreach_norm(group, math.inf)).isfinite().all() for group in by_dtype.values()]
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
 class NonFiniteCheck:
