@@ -26,168 +26,27 @@ Format 1 (``meta.json`` and raw ``tensors/<i>.bin`` files, funceng 0.2) is still
 
 from __future__ import annotations
 
-import errno
 import os
-import re
-import secrets
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from funceng import background_save, dist, fileio, manifest, tree
+from funceng import background_save, checkpoint_writer, dist, manifest, tree
 from funceng.background_save import PendingSave, wait_for_saves  # noqa: F401 (part of this module's API)
+from funceng.checkpoint_writer import remove_stale_temporaries  # noqa: F401 (part of this module's API)
 from funceng.errors import CheckpointError
 from funceng.finite import finite_flags
-from funceng.safetensors_io import DTYPE_CODES, open_regular, read_file, read_verified, write_file
+from funceng.safetensors_io import open_regular, read_file, read_into, read_verified
 from funceng.sharding import ShardLayout
 from funceng.state import TrainState
-from funceng.version import __version__
 
 FORMAT = manifest.FORMAT
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream; a zip archive (torch.save)
-_TEMPORARY = re.compile(r"\.(.+)\.(?:tmp|old)-([0-9]+)(?:-[0-9a-f]{8})?")
 
 
 # -- saving ----------------------------------------------------------------------------------------------------
-
-
-def _dtype_name(leaf: torch.Tensor, name: str) -> str:
-    if leaf.dtype not in DTYPE_CODES:
-        raise CheckpointError(f"cannot save {name}: dtype {leaf.dtype} is not one of {sorted(manifest.DTYPES)}")
-    return str(leaf.dtype).removeprefix("torch.")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path) -> list[str]:
-    """Removes the temporary directories that processes which have died left in ``folder``; returns their
-    names."""
-    removed = []
-    for entry in folder.iterdir() if folder.is_dir() else []:
-        match = _TEMPORARY.fullmatch(entry.name)
-        if match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2))):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            removed.append(entry.name)
-    return removed
-
-
-def _plan(path: Path) -> tuple[str, str, bool]:
-    """Where rank 0 has the data files written: ``(folder, file-name token, fresh)``."""
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"cannot save checkpoint {path}: it exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
-    token = secrets.token_hex(4)
-    if path.is_dir():
-        return str(path), f"-{token}", False
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}-{token}")
-    staging.mkdir()
-    return str(staging), "", True
-
-
-def _io_error(path: Path, exc: OSError) -> CheckpointError:
-    name = errno.errorcode.get(exc.errno or 0, "")
-    return CheckpointError(
-        f"cannot save checkpoint {path}: {exc.strerror or exc} ({name}); its partial files were removed and the "
-        "previous checkpoint and last_checkpoint are untouched"
-    )
-
-
-def _write(structure: Any, leaves: list[torch.Tensor], path: Path, extra: dict, shards: ShardLayout | None) -> Path:
-    sharded = bool(shards) and dist.get_world_size() > 1
-    rank = dist.get_rank() if sharded else 0
-    names = tree.leaf_paths(structure)
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"cannot save checkpoint {path}: two tensors have the same key path")
-    plan = _plan(path) if rank == 0 else None
-    folder, token, fresh = dist.broadcast_object(plan) if sharded else plan
-    folder = Path(folder)
-    file = f"state{token}{f'.rank{rank}' if sharded else ''}.safetensors"
-    mine: dict[str, torch.Tensor] = {}
-    entries: dict[int, dict[str, Any]] = {}
-    for i, (name, leaf) in enumerate(zip(names, leaves)):
-        shard = shards.get(i) if sharded else None
-        entry = {"name": name, "dtype": _dtype_name(leaf, name)}
-        if shard is None or shard.shape[0] == 0:  # unsharded (or empty: no rank holds a row of it)
-            if rank == 0:
-                mine[name], entries[i] = leaf, {**entry, "shape": list(leaf.shape), "file": file}
-        elif shard.rows:
-            piece = {"file": file, "rows": [shard.start, shard.start + shard.rows]}
-            mine[name], entries[i] = leaf, {**entry, "shape": list(shard.shape), "pieces": [piece]}
-    files, error = {}, None
-    try:
-        if mine or rank == 0:
-            size, sha256 = write_file(folder / file, mine)
-            files[file] = {"size": size, "sha256": sha256}
-    except OSError as exc:
-        error = exc
-    parts = dist.gather_objects((entries, files, error and str(error))) if sharded else [(entries, files, None)]
-    failed = error is not None or any(part[2] for part in parts)
-    if not failed and rank == 0:
-        try:
-            _publish(folder, path, _manifest(structure, names, parts, extra), fresh)
-        except OSError as exc:
-            error, failed = exc, True
-    if sharded:
-        failed = any(dist.gather_objects(failed))  # no rank goes on (or exits) before the checkpoint is in place
-    if failed:
-        if rank == 0 and fresh:
-            shutil.rmtree(folder, ignore_errors=True)
-        elif not fresh:
-            (folder / file).unlink(missing_ok=True)
-            (folder / f".{manifest.NAME}.tmp-{os.getpid()}").unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _io_error(path, error) from error
-        raise CheckpointError(f"cannot save checkpoint {path}: another rank failed to write its part")
-    return path
-
-
-def _manifest(structure: Any, names: list[str], parts: list, extra: dict) -> dict[str, Any]:
-    entries: dict[int, dict] = {}
-    files: dict[str, dict] = {}
-    for part_entries, part_files, _ in parts:
-        files.update(part_files)
-        for i, entry in part_entries.items():
-            if i in entries and "pieces" in entry:
-                entries[i]["pieces"] = sorted(entries[i]["pieces"] + entry["pieces"], key=lambda p: p["rows"])
-            else:
-                entries[i] = entry
-    return {
-        "format": FORMAT,
-        "versions": {"funceng": __version__, "torch": torch.__version__},
-        "structure": structure,
-        "tensors": [entries[i] for i in range(len(names))],
-        "files": files,
-        "extra": extra,
-    }
-
-
-def _publish(folder: Path, path: Path, meta: dict, fresh: bool) -> None:
-    """Makes the written data files a checkpoint with one rename: of the staging folder (a new checkpoint) or of
-    the new manifest over the old one; then removes what the old manifest alone referred to."""
-    body = manifest.dump(meta)
-    if fresh:
-        fileio.write_durably(folder / manifest.NAME, body)
-        fileio.fsync_dir(folder)
-        os.rename(folder, path)
-        fileio.fsync_dir(path.parent)
-        return
-    fileio.replace_atomically(path / manifest.NAME, body)
-    for entry in path.iterdir():
-        stale = manifest.DATA_FILE.fullmatch(entry.name) and entry.name not in meta["files"]
-        if stale or entry.name in (manifest.LEGACY_NAME, "tensors") or _TEMPORARY.fullmatch(entry.name):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def _refuse_nonfinite(state: TrainState, path: Path) -> None:
@@ -237,7 +96,7 @@ def save_state(
     def work(leaves: list[torch.Tensor], event: Any = None) -> Path:
         if event is not None:
             event.synchronize()
-        _write(structure, leaves, path, extra, shards)
+        checkpoint_writer.write(structure, leaves, path, extra, shards)
         if on_saved is not None:
             on_saved(path)
         return path
@@ -341,8 +200,7 @@ class _Files:
             if size != expected:
                 raise CheckpointError(f"{where} is truncated or corrupt: {size} bytes, expected {expected}")
             data = read_verified(f, size, info["sha256"] if self.verify else None, where)
-        raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return raw.view(dtype).reshape(shape)
+        return data.view(dtype).reshape(shape)
 
 
 def _rows(files: _Files, entry: dict, rows: tuple[int, int]) -> torch.Tensor:
@@ -365,17 +223,63 @@ def _rows(files: _Files, entry: dict, rows: tuple[int, int]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty([0, *shape[1:]], dtype=entry["dtype"])
 
 
+def check_fits(meta: dict[str, Any], state: TrainState, where: str, shapes: bool = True) -> None:
+    """Refuses, before any tensor is read, a checkpoint (its `read_manifest`) whose structure, dtypes or (with
+    ``shapes``) shapes differ from ``state``'s."""
+    structure, leaves = tree.flatten(state)
+    if meta["structure"] != structure:
+        raise CheckpointError(
+            f"{where}: the checkpoint's state does not match this run's model and optimizer: "
+            f"{tree.describe_difference(structure, meta['structure'])}"
+        )
+    for entry, leaf in zip(meta["tensors"], leaves):
+        if entry["dtype"] != leaf.dtype or (shapes and list(entry["shape"]) != list(leaf.shape)):
+            raise CheckpointError(
+                f"{where}: {entry['name']} is {entry['dtype']} {list(entry['shape'])} in the checkpoint, "
+                f"{leaf.dtype} {list(leaf.shape)} in this run"
+            )
+
+
+def _load_into(path: Path, meta: dict[str, Any], into: TrainState, verify: bool) -> bool:
+    """Reads a format-2, unsharded checkpoint straight into ``into``'s tensors; ``False`` (nothing read) when
+    ``into`` cannot take it that way (format 1, a sharded checkpoint, a GPU or non-contiguous tensor)."""
+    leaves = tree.leaves(into)
+    usable = meta["format"] == manifest.FORMAT and all(
+        leaf.device.type == "cpu" and leaf.is_contiguous() for leaf in leaves
+    )
+    if not usable or any("pieces" in entry for entry in meta["tensors"]):
+        return False
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    for entry, leaf in zip(meta["tensors"], leaves):
+        by_file.setdefault(entry["file"], {})[entry["name"]] = leaf
+    for file, targets in by_file.items():
+        info = meta["files"][file]
+        sha256 = info["sha256"] if verify else None
+        read_into(path / file, f"checkpoint {path}: {file}", info["size"], sha256, targets)
+    return True
+
+
 def load_state(
-    path: str | os.PathLike, *, verify: bool = True, shards: Callable[[dict, list], ShardLayout] | None = None
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+    shards: Callable[[dict, list], ShardLayout] | None = None,
+    into: TrainState | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """``(state, extra)`` from a checkpoint directory; ``verify`` checks every file's sha256.
 
     ``shards`` (for a sharded model, `funceng.sharding.checkpoint_shard_layout`) maps the checkpoint's structure
     and full leaf shapes to the leaves this rank loads only its rows of, whatever sharding the checkpoint was
-    written with; other leaves are loaded whole.
+    written with; other leaves are loaded whole. ``into``: a state of the same structure, shapes and dtypes
+    (the run's own, when resuming) that the checkpoint is copied into and returned; a CPU state is read into
+    directly, without allocating memory for the data. If loading fails, ``into`` may hold part of the checkpoint.
     """
     path = Path(path)
     meta = read_manifest(path)
+    if into is not None:
+        check_fits(meta, into, f"checkpoint {path}", shapes=not shards)
+        if not shards and _load_into(path, meta, into, verify):
+            return into, meta["extra"]
     layout = shards(meta["structure"], [e["shape"] for e in meta["tensors"]]) if shards else {}
     needed = sum(manifest.nbytes(e) for e in meta["tensors"])
     available = available_memory()
@@ -393,4 +297,7 @@ def load_state(
             leaves.append(files.tensor(entry, entry["file"], entry["shape"]))
     state = TrainState(tree.unflatten(meta["structure"], leaves), batch_size=[])
     state.lock_()
+    if into is not None:
+        into.update_(state)
+        return into, meta["extra"]
     return state, meta["extra"]

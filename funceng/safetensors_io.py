@@ -45,7 +45,7 @@ DTYPE_CODES = {
 }
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-_CHUNK = 64 * 2**20  # bytes hashed at a time, so hashing overlaps writing
+_CHUNK = 8 * 2**20  # bytes hashed at a time, so hashing overlaps reading and writing
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -85,7 +85,7 @@ class _Hasher(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.digest = hashlib.sha256()
-        self.chunks: queue.Queue = queue.Queue(maxsize=4)
+        self.chunks: queue.Queue = queue.Queue()  # views of memory that exists anyway: no copies queue up
 
     def run(self) -> None:
         while (chunk := self.chunks.get()) is not None:
@@ -147,10 +147,11 @@ def open_regular(path: Path, where: str, max_bytes: int | None = None) -> Iterat
             os.close(fd)
 
 
-def read_verified(f: BinaryIO, size: int, sha256: str | None, where: str) -> bytearray:
-    """All ``size`` bytes of ``f``, hashed while they are read; checked against ``sha256`` when given."""
-    data = bytearray(size)
-    view = memoryview(data)
+def read_verified(f: BinaryIO, size: int, sha256: str | None, where: str) -> torch.Tensor:
+    """All ``size`` bytes of ``f`` as a uint8 tensor, hashed while they are read; checked against ``sha256`` when
+    given."""
+    data = torch.empty(size, dtype=torch.uint8)  # not zero-filled: every byte is read into it
+    view = memoryview(data.numpy()).cast("B") if size else memoryview(b"")
     hasher = _Hasher() if sha256 is not None else None
     if hasher is not None:
         hasher.start()
@@ -178,14 +179,25 @@ def check_shape(shape: Any, where: str) -> list[int]:
     return shape
 
 
-def parse_header(data: bytes | bytearray, where: str) -> tuple[dict[str, tuple[torch.dtype, list[int], int, int]], int]:
-    """``({name: (dtype, shape, begin, end)}, data_start)`` from a safetensors file's bytes, with every field
-    checked: sizes, types, dtype codes, shapes against byte counts, and offsets that tile the data exactly."""
-    if len(data) < 8:
-        raise CheckpointError(f"{where}: {len(data)} bytes is too short for a safetensors file")
-    (length,) = struct.unpack("<Q", bytes(data[:8]))
-    if not 2 <= length <= min(MAX_HEADER_BYTES, len(data) - 8):
-        raise CheckpointError(f"{where}: header length {length} does not fit the file's {len(data)} bytes")
+Entries = dict[str, tuple[torch.dtype, list[int], int, int]]
+
+
+def header_length(prefix: bytes, file_size: int, where: str) -> int:
+    """The header length the first 8 bytes of a file of ``file_size`` bytes give, checked to fit."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{where}: {file_size} bytes is too short for a safetensors file")
+    (length,) = struct.unpack("<Q", bytes(prefix[:8]))
+    if not 2 <= length <= min(MAX_HEADER_BYTES, file_size - 8):
+        raise CheckpointError(f"{where}: header length {length} does not fit the file's {file_size} bytes")
+    return length
+
+
+def parse_header(data: memoryview, where: str, file_size: int | None = None) -> tuple[Entries, int]:
+    """``({name: (dtype, shape, begin, end)}, data_start)`` from a safetensors file's bytes (or its first bytes,
+    up to the end of the header, and the file's size), with every field checked: sizes, types, dtype codes,
+    shapes against byte counts, and offsets that tile the data exactly."""
+    file_size = len(data) if file_size is None else file_size
+    length = header_length(bytes(data[:8]), file_size, where)
     try:
         header = json.loads(bytes(data[8 : 8 + length]).decode("utf-8"))
     except (ValueError, RecursionError) as exc:
@@ -215,18 +227,16 @@ def parse_header(data: bytes | bytearray, where: str) -> tuple[dict[str, tuple[t
         if begin != position:
             raise CheckpointError(f"{where}: tensor data overlaps or leaves a gap at byte {position}")
         position = end
-    if 8 + length + position != len(data):
-        raise CheckpointError(f"{where}: the header accounts for {8 + length + position} of {len(data)} bytes")
+    if 8 + length + position != file_size:
+        raise CheckpointError(f"{where}: the header accounts for {8 + length + position} of {file_size} bytes")
     return entries, 8 + length
 
 
-def _tensor_at(data: bytearray, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
-    if begin == end:
-        return torch.empty(shape, dtype=dtype)
+def _tensor_at(data: torch.Tensor, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
+    raw = data[begin:end]
     if begin % dtype.itemsize:  # not aligned (another writer's file): copy
-        raw = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin).clone()
-        return raw.view(dtype).reshape(shape)
-    return torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
+        raw = raw.clone()
+    return raw.view(dtype).reshape(shape)
 
 
 def read_file(
@@ -238,8 +248,47 @@ def read_file(
         if size is not None and actual != size:
             raise CheckpointError(f"{where} is {actual} bytes, the manifest says {size}")
         data = read_verified(f, actual, sha256, where)
-    entries, start = parse_header(data, where)
+    entries, start = parse_header(memoryview(data.numpy()).cast("B") if actual else memoryview(b""), where)
     return {
         name: _tensor_at(data, dtype, shape, start + begin, start + end)
         for name, (dtype, shape, begin, end) in entries.items()
     }
+
+
+def read_into(path: Path, where: str, size: int, sha256: str | None, targets: Mapping[str, torch.Tensor]) -> None:
+    """Reads the safetensors file ``path`` straight into ``targets`` (contiguous CPU tensors, by name, of the
+    file's dtypes and shapes: every tensor of the file must have one), with the checks of `read_file`. No memory is
+    allocated for the data, which makes this several times faster than a fresh load. If the file turns out
+    corrupt, the targets already written hold part of it: the caller must not use them then."""
+    with open_regular(path, where) as (f, actual):
+        if actual != size:
+            raise CheckpointError(f"{where} is {actual} bytes, the manifest says {size}")
+        prefix = f.read(8)
+        head = prefix + f.read(header_length(prefix, actual, where))
+        entries, start = parse_header(memoryview(head), where, actual)
+        for name, (dtype, shape, _, _) in entries.items():
+            target = targets.get(name)
+            if target is None or target.dtype != dtype or list(target.shape) != shape:
+                found = "nothing" if target is None else f"{target.dtype} {list(target.shape)}"
+                raise CheckpointError(f"{where} holds {dtype} {shape} under {name!r:.80}; this state has {found}")
+        hasher = _Hasher() if sha256 is not None else None
+        if hasher is not None:
+            hasher.start()
+            hasher.chunks.put(head)
+        try:
+            for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+                view = tensor_bytes(targets[name])
+                for done in range(0, end - begin, _CHUNK):
+                    chunk = view[done : done + _CHUNK]
+                    filled = 0
+                    while filled < len(chunk):
+                        got = f.readinto(chunk[filled:])
+                        if not got:
+                            raise CheckpointError(f"{where}: the file ended early (it is changing?)")
+                        filled += got
+                    if hasher is not None:
+                        hasher.chunks.put(chunk)
+        finally:
+            digest = hasher.hexdigest() if hasher is not None else None
+    if digest is not None and digest != sha256:
+        raise CheckpointError(f"{where}: the sha256 of its bytes does not match the manifest's: corrupt or altered")

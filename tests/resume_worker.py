@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from funceng import checkpoint  # noqa: E402
+from funceng import checkpoint, checkpoint_writer  # noqa: E402
 from funceng.runner import Hook, Runner  # noqa: E402
 from tests.runner_fixtures import Accuracy, TinyNet, dataset  # noqa: E402
 
@@ -60,7 +60,7 @@ class Interrupt(Hook):
 def kill_during_save(after_files: int) -> None:
     """SIGKILL this process right after its ``after_files``-th checkpoint data file is written and fsynced,
     before that checkpoint's manifest is written and its directory renamed into place."""
-    real_write, written = checkpoint.write_file, [0]
+    real_write, written = checkpoint_writer.write_file, [0]
 
     def write(path, tensors):
         result = real_write(path, tensors)
@@ -69,7 +69,7 @@ def kill_during_save(after_files: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    checkpoint.write_file = write
+    checkpoint_writer.write_file = write
 
 
 def main() -> None:

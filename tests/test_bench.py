@@ -93,4 +93,4 @@ def test_checkpoint_io_benchmark_times_every_system_and_the_step_during_a_backgr
 
     figures = json.loads(out.read_text())
     assert all(t["save"] > 0 and t["load"] > 0 for t in figures["io"].values())
-    assert set(figures["steps"]) == {"no save in flight", "background save in flight"}
+    assert set(figures["steps"]) == {"no save in flight", "background save in flight", "blocking save before the steps"}

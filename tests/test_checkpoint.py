@@ -253,15 +253,15 @@ print("OLD", load_state(root + "/ck")[1])
 
 
 def test_a_background_save_writes_the_state_as_it_was_when_saved(state, tmp_path, monkeypatch):
-    from funceng import checkpoint
+    from funceng import checkpoint_writer
 
-    release, real = threading.Event(), checkpoint.write_file
+    release, real = threading.Event(), checkpoint_writer.write_file
 
     def slow_write(path, tensors):
         release.wait(30)
         return real(path, tensors)
 
-    monkeypatch.setattr(checkpoint, "write_file", slow_write)
+    monkeypatch.setattr(checkpoint_writer, "write_file", slow_write)
     before = state.clone()
     pending = save_state(state, tmp_path / "a", extra={"n": 1}, blocking=False)
     state["params"].apply_(lambda t: t.add_(1.0))  # training goes on: the state changes in place
@@ -274,12 +274,12 @@ def test_a_background_save_writes_the_state_as_it_was_when_saved(state, tmp_path
 
 
 def test_a_failed_background_save_raises_at_the_next_save(state, tmp_path, monkeypatch):
-    from funceng import checkpoint
+    from funceng import checkpoint_writer
 
     def full(path, tensors):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "write_file", full)
+    monkeypatch.setattr(checkpoint_writer, "write_file", full)
     pending = save_state(state, tmp_path / "a", blocking=False)
     while not pending.done():
         time.sleep(0.01)

@@ -124,3 +124,27 @@ def test_a_tampered_format_1_checkpoint_is_refused_naming_the_file(state, tmp_pa
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"field tensors\[0\].file '../../etc/passwd' is not a data file"):
         load_state(old)
+
+
+def test_load_state_into_a_state_reads_straight_into_its_tensors(state, tmp_path):
+    save_state(state, tmp_path / "ck", extra={"n": 1})
+    target = state.clone().zero_()
+    pointers = [t.data_ptr() for t in target.values(True, True)]
+    loaded, extra = load_state(tmp_path / "ck", into=target)
+    assert loaded is target and extra == {"n": 1} and (target == state).all()
+    assert [t.data_ptr() for t in target.values(True, True)] == pointers  # no new memory
+    wrong = funceng.TrainState.create(torch.nn.Linear(3, 5), optim.adamw(1e-3))
+    with pytest.raises(CheckpointError, match="does not match this run's model and optimizer"):
+        load_state(tmp_path / "ck", into=wrong)  # refused before a byte of data is read
+
+
+def test_load_state_into_checks_the_file_header_against_the_state(state, tmp_path):
+    from .test_checkpoint_tamper import header_edit
+
+    save_state(state, tmp_path / "ck")
+    # the file (re-hashed, manifest re-signed) says 6 x 12 where the manifest and the state say 12 x 6
+    header_edit(lambda h: h["params/0.weight"].update(shape=[6, 12]))(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"holds torch.float32 \[6, 12\] under 'params/0.weight'; this state"):
+        load_state(tmp_path / "ck", into=state.clone())
+    with pytest.raises(CheckpointError, match=r"holds torch.float32 \[6, 12\] under 'params/0.weight'; the manifest"):
+        load_state(tmp_path / "ck")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from funceng import checkpoint, dist, fileio, manifest, mmengine_format, rng, tree
+from funceng import checkpoint, dist, fileio, manifest, mmengine_format, rng
 from funceng.errors import CheckpointError, check_keys
 from funceng.evaluator import improvement
 from funceng.finite import all_finite
@@ -134,21 +134,11 @@ class Checkpointer:
         checking, before reading any tensor, that it is a state of this run's model and optimizer."""
         runner = self.runner
         meta = checkpoint.read_manifest(path)
-        expected_structure, leaves = tree.flatten(runner.state)
-        if meta["structure"] != expected_structure:
-            raise CheckpointError(
-                f"resume={path}: the checkpoint's state does not match this run's model and "
-                f"optimizer: {tree.describe_difference(expected_structure, meta['structure'])}"
-            )
-        for entry, leaf in zip(meta["tensors"], leaves):
-            if entry["dtype"] != leaf.dtype or (not runner.sharded and list(entry["shape"]) != list(leaf.shape)):
-                raise CheckpointError(
-                    f"resume={path}: {entry['name']} is {entry['dtype']} {list(entry['shape'])} in the checkpoint, "
-                    f"{leaf.dtype} {list(leaf.shape)} in this run"
-                )
-        state, extra = checkpoint.load_state(
-            path, shards=checkpoint_shard_layout(runner.model) if runner.sharded else None
-        )
+        checkpoint.check_fits(meta, runner.state, f"resume={path}", shapes=not runner.sharded)
+        if runner.sharded:
+            state, extra = checkpoint.load_state(path, shards=checkpoint_shard_layout(runner.model))
+        else:  # read straight into the run's state: no second copy of it in memory
+            state, extra = checkpoint.load_state(path, into=runner.state)
         check_position(path, extra, int(state["step"]), runner.train_loop)
         return state, extra
 
@@ -207,7 +197,8 @@ class Checkpointer:
         else:
             candidates = [Path(resume_from)]
         path, loaded, extra = self._first_loadable(candidates)
-        runner.state.update_(loaded)
+        if loaded is not runner.state:
+            runner.state.update_(loaded)
         runner.train_loop.restore(extra)
         for i, hook in enumerate(runner.hooks):
             hook_state = extra.get("hooks", {}).get(f"{i}:{type(hook).__name__}")
