@@ -93,6 +93,17 @@ class DynamicScaling:
     def logged(self, loss_scale: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"loss_scale": loss_scale["scale"].clone()}
 
+    def remember(self, buffers: Any) -> list[Tensor]:
+        """Copies of the buffers before the forward pass (BatchNorm statistics), for `restore_if_skipped`."""
+        return [b.clone() for b in buffers.values()]
+
+    def restore_if_skipped(self, buffers: Any, before: list[Tensor], finite: Tensor) -> None:
+        """Puts back the buffers the forward pass of a skipped step changed (a non-finite batch must not leave
+        NaN statistics behind), without a branch: ``where(finite, new, old)``."""
+        current = list(buffers.values())
+        if current:
+            torch._foreach_copy_(current, [torch.where(finite, new, old) for new, old in zip(current, before)])
+
 
 class NoScaling:
     """fp32 and bf16: the loss is not scaled and every step is applied (``finite`` is ``None``)."""
@@ -105,3 +116,9 @@ class NoScaling:
 
     def logged(self, loss_scale: dict[str, Tensor]) -> dict[str, Tensor]:
         return {}
+
+    def remember(self, buffers: Any) -> None:
+        return None
+
+    def restore_if_skipped(self, buffers: Any, before: None, finite: None) -> None:
+        return None

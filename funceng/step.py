@@ -275,10 +275,12 @@ class TrainStep(_Step):
     def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
         s = self._layout.unflatten(leaves)
         params, loss_scale = s["params"], s["loss_scale"]
+        buffers_before = self._loss_scale.remember(s["buffers"])  # fp16: a skipped step leaves them too
         grads, loss, logs = self._grads(params, s["buffers"], batch, self._loss_scale.factor(loss_scale))
         with torch.no_grad():  # a loss over other trainable modules must leave no autograd history in the state
             grads, loss, logs = self._reduce(grads, loss, logs)
             grads, finite = self._loss_scale.unscale(grads, loss_scale)
+            self._loss_scale.restore_if_skipped(s["buffers"], buffers_before, finite)
             trained = params if len(grads) == len(params) else {name: params[name] for name in grads}
             if self.schedule is not None:  # this iteration's hyperparameters, even if the update is skipped
                 self.schedule(s["step"], s["opt_state"])

@@ -150,13 +150,13 @@ def test_compiled_step_averages_gradients_in_one_graph_and_fp16_overflow_skips_o
         assert record["fp16_shard_finite"] is False and record["fp16_scale_after_overflow"] == 512.0
 
 
-def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
-    """Started by hand with torchrun's environment, so no launcher stops the survivor for us."""
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500), "WORLD_SIZE": "2"}
-    start = time.monotonic()
-    procs = [
+def start_two_ranks_by_hand(scenario: str, tmp_path: Path, port: int) -> list[subprocess.Popen]:
+    """Two ranks of ``scenario`` started with torchrun's environment but no launcher, which would stop the
+    survivor for us."""
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    return [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "die", str(tmp_path)],
+            [sys.executable, str(WORKER), scenario, str(tmp_path)],
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -164,6 +164,11 @@ def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
         )
         for r in range(2)
     ]
+
+
+def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
+    start = time.monotonic()
+    procs = start_two_ranks_by_hand("die", tmp_path, 29400 + os.getpid() % 500)
     outputs = [p.communicate(timeout=TIMEOUT_S + 60) for p in procs]
     elapsed = time.monotonic() - start
     assert procs[1].returncode == 3
@@ -176,18 +181,8 @@ def test_a_rank_that_dies_makes_the_others_fail_with_a_clear_error(tmp_path):
 
 def test_a_stopped_rank_makes_the_others_fail_naming_it_and_the_collective_within_the_timeout(tmp_path):
     """A rank that hangs (SIGSTOP: alive, its connections open) is named, within the configured timeout."""
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29900 + os.getpid() % 90), "WORLD_SIZE": "2"}
     start = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "hang", str(tmp_path)],
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-        )
-        for r in range(2)
-    ]
+    procs = start_two_ranks_by_hand("hang", tmp_path, 29900 + os.getpid() % 90)
     try:
         _, err = procs[0].communicate(timeout=TIMEOUT_S + 60)
         elapsed = time.monotonic() - start

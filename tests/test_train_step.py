@@ -155,6 +155,28 @@ def test_fp16_skips_a_non_finite_step_and_backs_off_the_loss_scale():
     assert state["opt_state"]["0"]["count"].item() == 2
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_an_fp16_step_skipped_for_a_nan_batch_leaves_the_batchnorm_statistics_as_they_were(compile):
+    torch.manual_seed(0)
+    model = mlp_with_batchnorm()
+    tx = optim.sgd(0.1)
+    state = funceng.TrainState.create(model, tx)
+    step = funceng.make_train_step(model, tx, cross_entropy, compile=compile, amp="fp16")
+    x, y = batch()
+    state, _ = step(state, (x, y))
+    buffers = state["buffers"].clone()
+    poisoned = x.clone()
+    poisoned[0, 0] = float("nan")
+    state, metrics = step(state, (poisoned, y))
+    assert not torch.isfinite(metrics["loss"]) and metrics["loss_scale"].item() == 2.0**15  # skipped
+    assert (state["buffers"] == buffers).all()  # running mean/var and num_batches_tracked untouched
+    state, _ = step(state, (x, y))
+    assert (
+        state["buffers"]["1.num_batches_tracked"].item() == 2
+        and torch.isfinite(state["buffers"]["1.running_var"]).all()
+    )
+
+
 def test_bf16_autocast_trains_fp32_params():
     model = mlp_with_batchnorm()
     tx = optim.sgd(0.1)
