@@ -120,7 +120,7 @@ def reference_with_workers(tmp_path_factory):
     return load_state(work_dir / "final")[0]
 
 
-@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize("seed", [4])
 def test_sigkill_with_two_loader_workers_and_random_augmentation_resumes_bitwise_exact(
     reference_with_workers, tmp_path, seed
 ):
