@@ -37,7 +37,7 @@ from funceng import background_save, checkpoint_writer, dist, manifest, tree
 from funceng.background_save import PendingSave, wait_for_saves  # noqa: F401 (part of this module's API)
 from funceng.checkpoint_writer import remove_stale_temporaries  # noqa: F401 (part of this module's API)
 from funceng.errors import CheckpointError
-from funceng.finite import finite_flags
+from funceng.finite import first_nonfinite
 from funceng.safetensors_io import open_regular, read_file, read_into, read_verified
 from funceng.sharding import ShardLayout
 from funceng.state import TrainState
@@ -50,17 +50,8 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream; a zip archive (torc
 
 
 def _refuse_nonfinite(state: TrainState, path: Path) -> None:
-    named = [
-        (f"{part}/{name}", t)
-        for part in ("params", "buffers")
-        if part in state.keys()
-        for name, t in state[part].items()
-    ]
-    if not named:
-        return
-    flags = finite_flags([t for _, t in named]).tolist()
-    if not all(flags):
-        bad = named[flags.index(False)][0]
+    bad = first_nonfinite(state)
+    if bad is not None:
         raise CheckpointError(
             f"refusing to save checkpoint {path}: {bad} holds NaN or infinite values (a state that cannot train "
             "on); pass allow_nonfinite=True to save it anyway"

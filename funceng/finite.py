@@ -8,6 +8,7 @@ sum of squares), so a list of tensors needs one ``torch._foreach_norm(tensors, i
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,3 +31,14 @@ def finite_flags(tensors: list[Tensor]) -> Tensor:
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """A 0-d bool tensor: whether every element of every tensor of ``tensors`` is finite."""
     return finite_flags(tensors).all()
+
+
+def first_nonfinite(state: Any) -> str | None:
+    """The key path (``"params/fc.weight"``) of the first parameter or buffer of a TrainState that holds a NaN or
+    an infinity, or ``None`` (one host sync)."""
+    parts = [part for part in ("params", "buffers") if part in state.keys()]
+    named = [(f"{part}/{name}", t) for part in parts for name, t in state[part].items()]
+    if not named:
+        return None
+    flags = finite_flags([t for _, t in named]).tolist()
+    return None if all(flags) else named[flags.index(False)][0]

@@ -147,27 +147,35 @@ def open_regular(path: Path, where: str, max_bytes: int | None = None) -> Iterat
             os.close(fd)
 
 
-def read_verified(f: BinaryIO, size: int, sha256: str | None, where: str) -> torch.Tensor:
-    """All ``size`` bytes of ``f`` as a uint8 tensor, hashed while they are read; checked against ``sha256`` when
-    given."""
-    data = torch.empty(size, dtype=torch.uint8)  # not zero-filled: every byte is read into it
-    view = memoryview(data.numpy()).cast("B") if size else memoryview(b"")
+def _fill(f: BinaryIO, views: list[memoryview], sha256: str | None, where: str, already: bytes = b"") -> None:
+    """Fills each of ``views`` from ``f`` in turn, hashing ``already`` (bytes read before) and every chunk on a
+    second thread as it arrives; then checks the digest against ``sha256`` (when given)."""
     hasher = _Hasher() if sha256 is not None else None
     if hasher is not None:
         hasher.start()
-    done = 0
+        hasher.chunks.put(already)
     try:
-        while done < size:
-            got = f.readinto(view[done : done + _CHUNK])
-            if not got:
-                raise CheckpointError(f"{where}: the file ended after {done} of its {size} bytes (it is changing?)")
-            if hasher is not None:
-                hasher.chunks.put(view[done : done + got])
-            done += got
+        for view in views:
+            for start in range(0, len(view), _CHUNK):
+                chunk, filled = view[start : start + _CHUNK], 0
+                while filled < len(chunk):
+                    got = f.readinto(chunk[filled:])
+                    if not got:
+                        raise CheckpointError(f"{where}: the file ended early (it is changing?)")
+                    filled += got
+                if hasher is not None:
+                    hasher.chunks.put(chunk)
     finally:
         digest = hasher.hexdigest() if hasher is not None else None
     if digest is not None and digest != sha256:
         raise CheckpointError(f"{where}: the sha256 of its bytes does not match the manifest's: corrupt or altered")
+
+
+def read_verified(f: BinaryIO, size: int, sha256: str | None, where: str) -> torch.Tensor:
+    """All ``size`` bytes of ``f`` as a uint8 tensor, hashed while they are read; checked against ``sha256`` when
+    given."""
+    data = torch.empty(size, dtype=torch.uint8)  # not zero-filled: every byte is read into it
+    _fill(f, [memoryview(data.numpy()).cast("B")] if size else [], sha256, where)
     return data
 
 
@@ -265,30 +273,11 @@ def read_into(path: Path, where: str, size: int, sha256: str | None, targets: Ma
             raise CheckpointError(f"{where} is {actual} bytes, the manifest says {size}")
         prefix = f.read(8)
         head = prefix + f.read(header_length(prefix, actual, where))
-        entries, start = parse_header(memoryview(head), where, actual)
+        entries, _ = parse_header(memoryview(head), where, actual)
         for name, (dtype, shape, _, _) in entries.items():
             target = targets.get(name)
             if target is None or target.dtype != dtype or list(target.shape) != shape:
                 found = "nothing" if target is None else f"{target.dtype} {list(target.shape)}"
                 raise CheckpointError(f"{where} holds {dtype} {shape} under {name!r:.80}; this state has {found}")
-        hasher = _Hasher() if sha256 is not None else None
-        if hasher is not None:
-            hasher.start()
-            hasher.chunks.put(head)
-        try:
-            for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
-                view = tensor_bytes(targets[name])
-                for done in range(0, end - begin, _CHUNK):
-                    chunk = view[done : done + _CHUNK]
-                    filled = 0
-                    while filled < len(chunk):
-                        got = f.readinto(chunk[filled:])
-                        if not got:
-                            raise CheckpointError(f"{where}: the file ended early (it is changing?)")
-                        filled += got
-                    if hasher is not None:
-                        hasher.chunks.put(chunk)
-        finally:
-            digest = hasher.hexdigest() if hasher is not None else None
-    if digest is not None and digest != sha256:
-        raise CheckpointError(f"{where}: the sha256 of its bytes does not match the manifest's: corrupt or altered")
+        ordered = sorted(entries, key=lambda name: entries[name][2])
+        _fill(f, [tensor_bytes(targets[name]) for name in ordered], sha256, where, already=head)

@@ -331,22 +331,22 @@ class CorruptSpareAfter(Hook):
             runner.state["params"]["spare"].fill_(float("inf"))
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["save-check", "check_finite_params"])
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_check_finite_params_stops_before_saving_a_non_finite_parameter_and_names_the_iteration(tmp_path, compile):
+def test_a_non_finite_parameter_is_never_saved_and_the_error_names_the_iteration_and_tensor(tmp_path, compile, checked):
     torch.manual_seed(0)
     runner = Runner(
         **runner_kwargs(
             tmp_path,
             model=SpareParameterNet(),
             compile=compile,
-            checkpoint=dict(check_finite_params=True),
+            checkpoint=dict(check_finite_params=checked),
             custom_hooks=[CorruptSpareAfter(3)],
             default_hooks=dict(checkpoint=dict(interval=1, by_epoch=False)),
         )
     )
-    with pytest.raises(
-        FloatingPointError, match=r"a parameter is NaN or infinite after iteration 3 \(epoch 1, batch 3\)"
-    ):
+    message = r"params/spare holds NaN or infinite values after iteration 3 \(epoch 1, batch 3\): checkpoint iter_3"
+    with pytest.raises(FloatingPointError, match=message):
         runner.train()
     assert sorted(p.name for p in (tmp_path / "work").glob("iter_*")) == ["iter_1", "iter_2"]
     assert Path((tmp_path / "work" / "last_checkpoint").read_text()).name == "iter_2"

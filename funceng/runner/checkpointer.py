@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from funceng import checkpoint, dist, fileio, manifest, mmengine_format, rng
 from funceng.errors import CheckpointError, check_keys
 from funceng.evaluator import improvement
-from funceng.finite import all_finite
+from funceng.finite import first_nonfinite
 from funceng.sharding import checkpoint_shard_layout, shard_layout
 from funceng.state import TrainState
 
@@ -69,9 +69,9 @@ class Checkpointer:
 
     def save(self, name: str, update_last: bool = True, replaces: tuple[str, ...] = ()) -> Path:
         """Saves the state as ``directory/name`` atomically; then ``last_checkpoint`` names it (unless
-        ``update_last`` is false) and the checkpoints named in ``replaces`` are removed. A state whose loss (or,
-        with ``checkpoint=dict(check_finite_params=True)``, a parameter) became non-finite is never saved: the
-        pending checks are read first.
+        ``update_last`` is false) and the checkpoints named in ``replaces`` are removed. A state whose loss, a
+        parameter or a buffer became non-finite is never saved: the pending loss checks are read first, then the
+        parameters and buffers are checked (one sync), and the error names the iteration and the tensor.
 
         In a data-parallel run every rank holds the same state and rank 0 alone writes it; a sharded state is
         written by all ranks, each its rows. Either way the checkpoint does not depend on the number of ranks.
@@ -79,13 +79,13 @@ class Checkpointer:
         and written on a background thread; the pointer moves and old checkpoints go only once it is in place.
         """
         runner = self.runner
-        if runner.train_loop is not None:
-            runner.train_loop.check_finite()
-            if self.check_finite_params and not bool(all_finite(list(runner.state["params"].values()))):
-                raise FloatingPointError(
-                    f"a parameter is NaN or infinite after iteration {runner.train_loop.iter} "
-                    f"({runner.train_loop.describe(runner.train_loop.iter)}): checkpoint {name} was not saved"
-                )
+        loop = runner.train_loop
+        if loop is not None:
+            loop.check_finite()
+        bad = first_nonfinite(runner.state)
+        if bad is not None:
+            when = f"after iteration {loop.iter} ({loop.describe(loop.iter)})" if loop is not None else "before saving"
+            raise FloatingPointError(f"{bad} holds NaN or infinite values {when}: checkpoint {name} was not saved")
         extra = self.metadata()
         runner.call_hook("before_save_checkpoint", checkpoint=extra)
         path = self.directory / name
@@ -97,12 +97,15 @@ class Checkpointer:
                 shutil.rmtree(self.directory / old, ignore_errors=True)
 
         if runner.sharded:
-            checkpoint.save_state(runner.state, path, extra=extra, shards=shard_layout(runner.model, runner.state))
+            shards = shard_layout(runner.model, runner.state)
+            checkpoint.save_state(runner.state, path, extra=extra, shards=shards, allow_nonfinite=True)  # checked
             if runner.rank == 0:
                 published(path)
         elif runner.rank == 0:
             background = self.async_save and not self.blocking
-            checkpoint.save_state(runner.state, path, extra=extra, blocking=not background, on_saved=published)
+            checkpoint.save_state(
+                runner.state, path, extra=extra, blocking=not background, on_saved=published, allow_nonfinite=True
+            )  # checked above, naming the iteration
         return path
 
     def wait(self) -> None:
@@ -130,15 +133,12 @@ class Checkpointer:
     # -- loading -----------------------------------------------------------------------------------------------
 
     def load(self, path: str | Path) -> tuple[TrainState, dict[str, Any]]:
-        """A checkpoint's state (whole, or this rank's rows of it for a sharded model) and metadata, after
-        checking, before reading any tensor, that it is a state of this run's model and optimizer."""
+        """Loads a checkpoint into the run's state (whole, or this rank's rows of it for a sharded model), after
+        checking, before reading any tensor, that it is a state of this run's model and optimizer; returns the
+        state and the checkpoint's metadata. On a `CheckpointError` the state may hold part of the checkpoint."""
         runner = self.runner
-        meta = checkpoint.read_manifest(path)
-        checkpoint.check_fits(meta, runner.state, f"resume={path}", shapes=not runner.sharded)
-        if runner.sharded:
-            state, extra = checkpoint.load_state(path, shards=checkpoint_shard_layout(runner.model))
-        else:  # read straight into the run's state: no second copy of it in memory
-            state, extra = checkpoint.load_state(path, into=runner.state)
+        shards = checkpoint_shard_layout(runner.model) if runner.sharded else None
+        state, extra = checkpoint.load_state(path, shards=shards, into=runner.state)  # no second copy in memory
         check_position(path, extra, int(state["step"]), runner.train_loop)
         return state, extra
 
@@ -196,9 +196,7 @@ class Checkpointer:
                 return
         else:
             candidates = [Path(resume_from)]
-        path, loaded, extra = self._first_loadable(candidates)
-        if loaded is not runner.state:
-            runner.state.update_(loaded)
+        path, extra = self._first_loadable(candidates)
         runner.train_loop.restore(extra)
         for i, hook in enumerate(runner.hooks):
             hook_state = extra.get("hooks", {}).get(f"{i}:{type(hook).__name__}")
@@ -208,17 +206,18 @@ class Checkpointer:
         runner.call_hook("after_load_checkpoint", checkpoint=extra)
         runner.logger.info(f"resumed epoch: {runner.epoch}, iter: {runner.iter} from {path}")
 
-    def _first_loadable(self, candidates: list[Path]) -> tuple[Path, TrainState, dict[str, Any]]:
+    def _first_loadable(self, candidates: list[Path]) -> tuple[Path, dict[str, Any]]:
+        """Loads the first candidate every rank can load into the run's state; its path and metadata."""
         runner = self.runner
         for i, path in enumerate(candidates):
             try:
-                loaded, extra = self.load(path)
+                _, extra = self.load(path)
                 error = None
             except CheckpointError as exc:
                 error = f"rank {runner.rank}: {exc}" if runner.world_size > 1 else str(exc)
             failures = [e for e in dist.gather_objects(error) if e]
             if not failures:
-                return path, loaded, extra
+                return path, extra
             if i + 1 == len(candidates):
                 raise CheckpointError("; ".join(failures))
             runner.logger.warning(f"Cannot resume from {path}: {failures[0]}. Falling back to {candidates[i + 1]}.")
