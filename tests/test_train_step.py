@@ -177,6 +177,31 @@ def test_an_fp16_step_skipped_for_a_nan_batch_leaves_the_batchnorm_statistics_as
     )
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_skipped_fp16_micro_step_with_accumulation_and_a_frozen_layer_changes_nothing(compile):
+    """fp16 + accumulation + a frozen parameter + compile: the skipped micro-step leaves the weights, the
+    accumulator, the BatchNorm statistics and the frozen layer as they were; the window then completes."""
+    torch.manual_seed(0)
+    model = mlp_with_batchnorm()
+    model[0].bias.requires_grad_(False)
+    tx = optim.accumulate(optim.sgd(0.1, momentum=0.9), every=2)
+    state = funceng.TrainState.create(model, tx)
+    step = funceng.make_train_step(model, tx, cross_entropy, compile=compile, amp="fp16")
+    x, y = batch()
+    state, _ = step(state, (x, y))  # micro-step 1 of the first window
+    before = state.clone()
+    poisoned = x.clone()
+    poisoned[0, 0] = float("nan")
+    state, metrics = step(state, (poisoned, y))
+    assert not torch.isfinite(metrics["loss"]) and metrics["loss_scale"].item() == 2.0**15
+    for part in ("params", "opt_state", "buffers"):
+        assert (state[part] == before[part]).all(), part
+    state, _ = step(state, (x, y))  # completes the window: the update lands, the frozen bias stays
+    assert not torch.equal(state["params"]["0.weight"], before["params"]["0.weight"])
+    assert torch.equal(state["params"]["0.bias"], before["params"]["0.bias"])
+    assert all(torch.isfinite(t).all() for t in state.values(True, True) if t.is_floating_point())
+
+
 def test_bf16_autocast_trains_fp32_params():
     model = mlp_with_batchnorm()
     tx = optim.sgd(0.1)
