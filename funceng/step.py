@@ -76,9 +76,9 @@ def _refuse_function_transforms() -> None:
     if interpreter is not None:
         raise RuntimeError(
             f"a funceng step cannot run inside torch.func.{str(interpreter.key()).rpartition('.')[2].lower()}: it "
-            "updates its state in place. To train several models at once, build one state per member (each "
-            "with TrainState.create, re-initialising the model between calls) and call the step on each; see "
-            "'Several states from one model' in docs/state.md"
+            "updates its state in place. To train several models at once in one vmapped step, build a population "
+            "(funceng.population.create) and its step (funceng.population_step.make_population_step); see "
+            "docs/population.md"
         )
 
 
@@ -212,6 +212,7 @@ class TrainStep(_Step):
     """``step(state, batch) -> (new_state, metrics)``; built by `make_train_step`."""
 
     binds_model = True  # modules that losses close over (a GAN's discriminator) compute with their trained state
+    generators = StateGenerators  # how the step draws from the state's generators
 
     def __init__(
         self,
@@ -225,6 +226,7 @@ class TrainStep(_Step):
         dynamic_batch=False,
         data_parallel=None,
         schedule=None,
+        privacy=None,
     ):
         super().__init__(model, self._step_on_leaves, compile, amp, dynamic_batch)
         self.schedule = schedule
@@ -239,16 +241,19 @@ class TrainStep(_Step):
         self.trainable = trainable_names(model)
         if not self.trainable:
             raise ValueError("make_train_step: every parameter of the model has requires_grad=False: nothing to train")
-        gradients = FunctionalGradients if self.compiled else ShardedGradients if self.sharded else EagerGradients
-        self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type, self.trainable)
         if data_parallel is None:
             data_parallel = dist.get_world_size() > 1
-        self._reduce = (
-            _mean_logs_across_ranks if self.sharded else _mean_across_ranks if data_parallel else _no_reduction
-        )
+        self.privacy = privacy
+        if privacy is not None:  # DP-SGD (`funceng.privacy`) brings its own gradients
+            self._grads = privacy.gradients(self, accumulate=accumulate, data_parallel=data_parallel)
+        else:
+            gradients = FunctionalGradients if self.compiled else ShardedGradients if self.sharded else EagerGradients
+            self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type, self.trainable)
+        reduce = _mean_across_ranks if data_parallel else _no_reduction
+        self._reduce = _mean_logs_across_ranks if self.sharded else reduce
         fp16 = self.amp_dtype == torch.float16
         self._loss_scale = DynamicScaling(self.sharded, **self.scaling) if fp16 else NoScaling()
-        self._generators: StateGenerators | None = None
+        self._generators = None
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Tensor]]:
         if not self.donate:
@@ -257,7 +262,7 @@ class TrainStep(_Step):
         leaves = self._leaves_of(state)
         self._prepare(batch, training=True)
         if self._generators is None:
-            self._generators = StateGenerators(self._layout.rng)
+            self._generators = self.generators(self._layout.rng)
         with self._generators(leaves), _naming_captured_mutations(self.compiled):
             metrics = self._fn(leaves, batch)
         if self.donate:
@@ -272,7 +277,7 @@ class TrainStep(_Step):
     def _expected(self) -> tuple[dict, list[torch.device]]:
         return expected_state(self.model, self.tx)
 
-    def _step_on_leaves(self, leaves: list[Tensor], batch: Any) -> dict[str, Tensor]:
+    def _step_on_leaves(self, leaves: list[Tensor], batch: Any, *schedule_args: Any) -> dict[str, Tensor]:
         s = self._layout.unflatten(leaves)
         params, loss_scale = s["params"], s["loss_scale"]
         buffers_before = self._loss_scale.remember(s["buffers"])  # fp16: a skipped step leaves them too
@@ -283,7 +288,7 @@ class TrainStep(_Step):
             self._loss_scale.restore_if_skipped(s["buffers"], buffers_before, finite)
             trained = params if len(grads) == len(params) else {name: params[name] for name in grads}
             if self.schedule is not None:  # this iteration's hyperparameters, even if the update is skipped
-                self.schedule(s["step"], s["opt_state"])
+                self.schedule(s["step"], s["opt_state"], *schedule_args)
             updates = optim.update_in_place(self.tx, grads, s["opt_state"], trained, only_if=finite)
             optim.apply_updates(trained, updates)
             s["step"].add_(1)
@@ -342,6 +347,7 @@ def make_train_step(
     dynamic_batch: bool = False,
     data_parallel: bool | None = None,
     schedule: Callable[[Tensor, dict], None] | None = None,
+    privacy: Any = None,
 ) -> TrainStep:
     """A pure train step ``step(state, batch) -> (new_state, metrics)``.
 
@@ -365,13 +371,16 @@ def make_train_step(
     ``schedule(step, opt_state)``: called inside the step, before the update, with the 0-d count of steps
     taken so far and the optimizer state; it writes scheduled hyperparameters into the state (the Runner's
     MMEngine schedulers, `funceng.runner.param_scheduler.ScheduledHyperparams.write`, index tables with it).
+    ``privacy``: `funceng.privacy.DPSGD` takes clipped, noised per-example gradients instead (DP-SGD).
 
-    ``metrics`` holds detached tensors: ``loss`` (unscaled), other logged loss entries, ``lr``, ``grad_norm``
-    when clipping by norm and ``loss_scale`` with fp16.
+    ``metrics`` holds detached tensors: the (unscaled) ``loss``, other logged entries, ``lr``, clipping's
+    ``grad_norm``, fp16's ``loss_scale``.
     """
     if next(model.parameters(), None) is None:
         raise ValueError("make_train_step: the model has no parameters to train")
-    return TrainStep(model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch, data_parallel, schedule)
+    return TrainStep(
+        model, tx, loss_fn, compile, amp, accumulate, donate, dynamic_batch, data_parallel, schedule, privacy
+    )
 
 
 def make_eval_step(

@@ -370,12 +370,12 @@ def test_the_model_shares_the_stepped_state_weights_so_no_second_copy_lives(fres
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_vmap_over_a_step_fails_at_once_pointing_to_the_ensemble_pattern(fresh_dynamo, compile):
+def test_vmap_over_a_step_fails_at_once_pointing_to_population_steps(fresh_dynamo, compile):
     model = nn.Linear(6, 3)
     state = funceng.TrainState.create(model, optim.sgd(0.1))
     step = funceng.make_train_step(model, optim.sgd(0.1), cross_entropy, compile=compile, donate=False)
     x, y = batch()
-    with pytest.raises(RuntimeError, match=r"cannot run inside torch.func.vmap.*one state per member.*docs/state.md"):
+    with pytest.raises(RuntimeError, match=r"cannot run inside torch.func.vmap.*make_population_step.*docs/population.md"):
         torch.func.vmap(lambda xs: step(state, (xs, y))[1]["loss"])(x.unsqueeze(0).expand(2, -1, -1))
     eval_step = funceng.make_eval_step(model, lambda m, b: m(b), compile=compile)
     with pytest.raises(RuntimeError, match=r"cannot run inside torch.func.vmap"):

@@ -139,7 +139,7 @@ class Checkpointer:
         runner = self.runner
         shards = checkpoint_shard_layout(runner.model) if runner.sharded else None
         state, extra = checkpoint.load_state(path, shards=shards, into=runner.state)  # no second copy in memory
-        check_position(path, extra, int(state["step"]), runner.train_loop)
+        check_position(path, extra, int(state["step"].reshape(-1)[0]), runner.train_loop)
         return state, extra
 
     def load_weights(self, path: str | Path) -> None:

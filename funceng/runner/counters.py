@@ -32,7 +32,7 @@ class RunnerCounters:
         """The state step whose learning rate is the current one: the next step's, or while ``after_*`` train hooks
         run, the one just trained with (as MMEngine's ``get_lr()`` reads before its scheduler hook steps)."""
         lag = self.train_loop.hook_lag
-        return max(int(self.state["step"]) - (1 if lag["iter"] or lag["epoch"] else 0), 0)
+        return max(int(self.state["step"].reshape(-1)[0]) - (1 if lag["iter"] or lag["epoch"] else 0), 0)
 
     @property
     def by_epoch(self) -> bool:

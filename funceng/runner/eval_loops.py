@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from funceng import dist, rng
+from funceng import dist, population, rng
 from funceng.errors import ConfigError
 from funceng.evaluator import Evaluator
+from funceng.runner import population_run
 from funceng.runner.data import is_ragged, to_device
 from funceng.runner.loops import LOOPS
 from funceng.step import EvalStep, make_eval_step
@@ -38,20 +39,28 @@ class EvalLoop:
         state = runner.eval_state()
         train_loader = runner.train_loop.dataloader if runner.train_loop is not None else None
         with rng.forked_global(train_loader):  # evaluating must not change the next epoch's shuffle
-            for batch_idx, batch in self.timer.batches(self.dataloader):
-                runner.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
-                outputs = self.eval_step(state, to_device(batch, runner.device))
-                self.evaluator.process(data_samples=outputs, data_batch=batch)
-                self.timer.end_iter()
-                runner.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
-        size = len(self.dataloader.dataset) if hasattr(self.dataloader, "dataset") else len(self.dataloader)
-        with dist.naming_collective_failures(f"gathering the {mode} results"):
-            metrics = self.evaluator.evaluate(size)
+            if population.size(state) is not None:  # every member (`funceng.runner.population_run`)
+                metrics = population_run.evaluate(self, state)
+            else:
+                metrics = self._evaluate_state(state)
         runner.last_metrics = metrics
         runner.call_hook(f"after_{mode}_epoch", metrics=metrics)
         runner.call_hook(f"after_{mode}")
         runner.sync_model()
         return metrics
+
+    def _evaluate_state(self, state: Any) -> dict[str, Any]:
+        """One pass over the loader feeding ``state``'s outputs to the metrics; returns them."""
+        runner, mode = self.runner, self.mode
+        for batch_idx, batch in self.timer.batches(self.dataloader):
+            runner.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
+            outputs = self.eval_step(state, to_device(batch, runner.device))
+            self.evaluator.process(data_samples=outputs, data_batch=batch)
+            self.timer.end_iter()
+            runner.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
+        size = len(self.dataloader.dataset) if hasattr(self.dataloader, "dataset") else len(self.dataloader)
+        with dist.naming_collective_failures(f"gathering the {mode} results"):
+            return self.evaluator.evaluate(size)
 
 
 @LOOPS.register

@@ -18,6 +18,8 @@ from funceng.errors import ConfigError, check_keys
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
 
+MEMBER_PREFIX = "member_"  # a population member's scalars ("member_3/loss"): in the scalars file, not the log line
+
 
 class IterationLineFilter(logging.Filter):
     """Keeps per-iteration lines off the terminal while a progress bar shows them (the log file keeps them)."""

@@ -81,6 +81,7 @@ class TrainLoop:
         self._epoch_start_rng: dict[str, Any] = {}
         self._resume_point: dict[str, Any] | None = None
         self.validated = -1  # the epoch (or iteration) count whose validation ran last
+        self.population = None  # train_cfg.population's plan
 
     @property
     def max_iters(self) -> int:
@@ -334,7 +335,8 @@ def build_train_loop(
         return None
     cfg = dict(train_cfg)
     allowed = {"type", "by_epoch", "max_epochs", "max_iters", "val_interval", "val_begin", "dynamic_intervals"}
-    check_keys("train_cfg", cfg, allowed)
+    check_keys("train_cfg", cfg, allowed | {"population"})
+    plan = cfg.pop("population", None)
     loop = LOOPS.resolve(cfg.pop("type"), "train_cfg.type") if "type" in cfg else None
     if loop is not None and not issubclass(loop, TrainLoop):
         raise ConfigError(f"train_cfg.type: {loop.__name__} is not a train loop")
@@ -350,4 +352,9 @@ def build_train_loop(
         raise ConfigError(f"train_cfg: by_epoch={by_epoch} counts {needed!r}; remove {other!r}")
     if not isinstance(cfg[needed], int) or cfg[needed] < 1:
         raise ConfigError(f"train_cfg.{needed} must be a positive int, got {cfg[needed]!r}")
-    return loop(runner, dataloader, **cfg)
+    built = loop(runner, dataloader, **cfg)
+    if plan is not None:  # N members trained together (`funceng.runner.population_run`)
+        from funceng.runner.population_run import parse_plan
+
+        built.population = parse_plan(plan, runner.seed)
+    return built

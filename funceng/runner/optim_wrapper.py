@@ -93,6 +93,7 @@ def build_optimizer(
     length: TrainLength,
     sharded: bool = False,
     device: Any = None,
+    swept: Any = (),
 ) -> OptimizerSetup:
     """The optimizer that ``optim_wrapper`` describes for ``model``, its hyperparameters driven by
     ``param_scheduler`` over a run of ``length``.
@@ -100,6 +101,7 @@ def build_optimizer(
     Param groups come from ``paramwise_cfg`` (one per distinct `funceng.optim.paramwise.ParamRule`). Each group's
     optimizer keeps its learning rate and scheduled hyperparameters in the state (`funceng.optim.inject_hyperparams`).
     ``sharded``: the gradients are row shards (FSDP2), so clipping by norm sums the squared norms over the ranks.
+    ``swept``: names of hyperparameters a population gives each member its own value of (kept in the state too).
     """
     factory, kwargs = optimizer_kwargs(optim_wrapper)
     wrapper = OPTIM_WRAPPERS.resolve(optim_wrapper.get("type", "OptimWrapper"), "optim_wrapper.type")
@@ -120,7 +122,7 @@ def build_optimizer(
         groups, frozen = {None: dict(kwargs)}, ()
     tables = schedule_tables(param_scheduler, [{**defaults, **g} for g in groups.values()], length)
     hyperparams = ScheduledHyperparams(tables, list(groups), device)
-    injected = optim.inject_hyperparams(factory, injectable(factory, hyperparams.injected, optimizer_name))
+    injected = optim.inject_hyperparams(factory, injectable(factory, hyperparams.injected | set(swept), optimizer_name))
     if paramwise:
         transforms = {label: injected(**g) for label, g in groups.items()}
         if frozen:  # lr_mult=0 freezes for real: no update at all (with weight decay or AdamW too), no state

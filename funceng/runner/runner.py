@@ -20,7 +20,7 @@ from funceng import binding, dist, optim
 from funceng.config import Config
 from funceng.errors import ConfigError, check_keys
 from funceng.model import build_model
-from funceng.runner import compat
+from funceng.runner import compat, population_run
 from funceng.runner.activation_checkpointing import apply_memory_options
 from funceng.runner.checkpointer import Checkpointer
 from funceng.runner.counters import RunnerCounters, open_message_hub
@@ -217,11 +217,13 @@ class Runner(RunnerCounters):
         global_batch = (getattr(loader, "batch_size", None) or 0) * self.world_size
         self.optim_wrapper = scale_lr(self.optim_wrapper, self.auto_scale_lr, global_batch, self.logger)
         self.auto_scale_lr = {}  # scaled once
-        if trains_imperatively(self.model, self.optim_wrapper):
+        if trains_imperatively(self.model, self.optim_wrapper) and self.train_loop.population is None:
             build_imperative_training(self, loader)
             return
         length = train_length(self.train_loop, loader)
         device = next(self.model.parameters()).device
+        if self.train_loop.population is not None:  # N members in one vmapped step
+            return population_run.build_training(self, length, device, is_ragged(loader))
         setup = build_optimizer(self.optim_wrapper, self.model, self.param_scheduler, length, self.sharded, device)
         log_frozen(self, setup.frozen)
         if setup.hyperparams.tables.plateaus:  # fed by validation metrics, between steps
@@ -268,9 +270,10 @@ class Runner(RunnerCounters):
         return TrainState({**dict(self.state.items()), **swapped}, batch_size=[])
 
     def sync_model(self) -> None:
-        """Points the model at the current state's weights (compiled steps never touch the module)."""
+        """Points the model at the current state's weights (of a population, the best member's); compiled steps
+        never touch the module."""
         if self.state is not None and not self.sharded:
-            binding.bind(self.model, self.state["params"], self.state["buffers"])
+            binding.bind(self.model, (shown := population_run.shown_member(self))["params"], shown["buffers"])
 
     def save_checkpoint(self, name: str, update_last: bool = True) -> Path:
         """Saves the state as checkpoint ``name`` (see `funceng.runner.checkpointer.Checkpointer.save`)."""
@@ -278,7 +281,7 @@ class Runner(RunnerCounters):
 
     def save_weights(self, path: str | os.PathLike) -> Path:
         """Writes the model's weights as a ``state_dict``-compatible safetensors file (`funceng.save_weights`)."""
-        return save_weights(self.state, path)
+        return save_weights(population_run.shown_member(self), path)
 
     def call_hook(self, stage: str, **kwargs: Any) -> None:
         for hook in self.hooks:

@@ -9,7 +9,15 @@ import torch
 
 from funceng.runner import compat
 from funceng.runner.hooks.hook import HOOKS, Hook
-from funceng.runner.log import ProgressBar, Window, cuda_memory_mb, epoch_end_line, header, iteration_line
+from funceng.runner.log import (
+    MEMBER_PREFIX,
+    ProgressBar,
+    Window,
+    cuda_memory_mb,
+    epoch_end_line,
+    header,
+    iteration_line,
+)
 
 
 @HOOKS.register
@@ -126,11 +134,12 @@ class LoggerHook(Hook):
         time_mean = self._window("time").mean()
         eta = self._window("time").global_mean() * (runner.max_iters - done)
         memory = cuda_memory_mb(runner.device)
-        ordered = {k: v for k, v in scalars.items() if k != "loss"}
+        members = {k: v for k, v in scalars.items() if k.startswith(MEMBER_PREFIX)}  # a population's: scalars only
+        ordered = {k: v for k, v in scalars.items() if k != "loss" and k not in members}
         ordered["loss"] = scalars["loss"]
         for key, history in runner.message_hub.log_scalars.items():  # what hooks and models added, as MMEngine's
             name = key.removeprefix("train/")
-            if key.startswith("train/") and name not in ordered and name not in ("lr", "time", "data_time"):
+            if key.startswith("train/") and name not in ordered and name not in ("lr", "time", "data_time", *members):
                 smoothed = re.search("loss|time|grad_norm", name)
                 ordered[name] = history.mean(self._window_size) if smoothed else history.current()
         if "grad_norm" in outputs:
@@ -143,6 +152,7 @@ class LoggerHook(Hook):
             "data_time": self._window("data_time").mean(),
             "time": time_mean,
             **ordered,
+            **members,
             "epoch": runner.epoch + 1 if runner.by_epoch else None,
             "iter": done,
         }
@@ -178,7 +188,7 @@ class LoggerHook(Hook):
         runner.logger.info(
             epoch_end_line(
                 self._val_header(runner, total, total),
-                metrics or {},
+                {k: v for k, v in (metrics or {}).items() if not k.startswith(MEMBER_PREFIX)},
                 self._val_all_time.global_mean(),
                 self._val_all_data.global_mean(),
             )
