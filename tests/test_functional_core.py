@@ -375,7 +375,9 @@ def test_vmap_over_a_step_fails_at_once_pointing_to_population_steps(fresh_dynam
     state = funceng.TrainState.create(model, optim.sgd(0.1))
     step = funceng.make_train_step(model, optim.sgd(0.1), cross_entropy, compile=compile, donate=False)
     x, y = batch()
-    with pytest.raises(RuntimeError, match=r"cannot run inside torch.func.vmap.*make_population_step.*docs/population.md"):
+    with pytest.raises(
+        RuntimeError, match=r"cannot run inside torch.func.vmap.*make_population_step.*docs/population.md"
+    ):
         torch.func.vmap(lambda xs: step(state, (xs, y))[1]["loss"])(x.unsqueeze(0).expand(2, -1, -1))
     eval_step = funceng.make_eval_step(model, lambda m, b: m(b), compile=compile)
     with pytest.raises(RuntimeError, match=r"cannot run inside torch.func.vmap"):

@@ -85,7 +85,13 @@ def parse_plan(cfg: Mapping[str, Any], seed: int) -> PopulationPlan:
     return PopulationPlan(seeds, values)
 
 
+SWEEPABLE = ("lr", "momentum", "weight_decay")  # the numeric hyperparameters funceng's optimizers keep as tensors
+
+
 def _configured(optim_wrapper: Mapping[str, Any], factory: Any, name: str) -> float:
+    """The optimizer's configured value of hyperparameter ``name``, which a member's value replaces."""
+    if name not in SWEEPABLE:
+        raise ConfigError(f"train_cfg.population: {name!r} cannot differ per member; a population sweeps {SWEEPABLE}")
     given = optim_wrapper["optimizer"].get(name)
     if given is None:
         default = inspect.signature(factory).parameters.get(name)
@@ -103,6 +109,8 @@ def build_training(runner: Runner, length: Any, device: torch.device, dynamic_ba
             "train_cfg.population: this model trains imperatively (its own train_step, or several optimizers), "
             "which cannot be vmapped over members; a population needs the functional step"
         )
+    factory = optimizer_kwargs(runner.optim_wrapper)[0]
+    configured = {name: _configured(runner.optim_wrapper, factory, name) for name in plan.values}
     setup = build_optimizer(
         runner.optim_wrapper, runner.model, runner.param_scheduler, length, runner.sharded, device, plan.values
     )
@@ -123,8 +131,7 @@ def build_training(runner: Runner, length: Any, device: torch.device, dynamic_ba
     }
     scales = {}
     for name, column in plan.values.items():
-        configured = _configured(runner.optim_wrapper, optimizer_kwargs(runner.optim_wrapper)[0], name)
-        if configured == 0:
+        if configured[name] == 0:
             if name in scheduled or runner.optim_wrapper.get("paramwise_cfg"):
                 raise ConfigError(
                     f"train_cfg.population: sweeping {name} from a configured 0 cannot keep its "
@@ -132,7 +139,7 @@ def build_training(runner: Runner, length: Any, device: torch.device, dynamic_ba
                 )
             population.set_hyperparams(state, **{name: column})
             continue
-        factors = torch.tensor(column, dtype=torch.float64) / configured
+        factors = torch.tensor(column, dtype=torch.float64) / configured[name]
         if name in scheduled:
             scales[name] = factors
         else:
