@@ -81,14 +81,21 @@ _swap_lock = threading.RLock()
 _swap_depth = 0
 
 
-def _funceng_modules_seeing(namespace: types.ModuleType) -> list[types.ModuleType]:
-    """funceng's modules (this one excepted) whose global ``torch`` is ``namespace``."""
-    return [
-        module
-        for name, module in list(sys.modules.items())
-        if (name == "funceng" or name.startswith("funceng.")) and name != __name__
-        and vars(module).get("torch") is namespace
-    ]  # fmt: skip
+_modules_using_torch: tuple[int, list[types.ModuleType]] = (-1, [])  # (len(sys.modules) when listed, the list)
+
+
+def _funceng_modules_using_torch() -> list[types.ModuleType]:
+    """funceng's modules (this one excepted) with a global ``torch``; listed again only when modules were added."""
+    global _modules_using_torch
+    if _modules_using_torch[0] != len(sys.modules):
+        found = [
+            module
+            for name, module in list(sys.modules.items())
+            if (name == "funceng" or name.startswith("funceng.")) and name != __name__
+            and vars(module).get("torch") in (torch, TORCH_WITH_LOOPS)
+        ]  # fmt: skip
+        _modules_using_torch = (len(sys.modules), found)
+    return _modules_using_torch[1]
 
 
 @contextlib.contextmanager
@@ -99,7 +106,7 @@ def foreach_per_tensor() -> Iterator[None]:
     global _swap_depth
     with _swap_lock:
         if _swap_depth == 0:
-            for module in _funceng_modules_seeing(torch):
+            for module in _funceng_modules_using_torch():
                 module.torch = TORCH_WITH_LOOPS
         _swap_depth += 1
     try:
@@ -108,7 +115,7 @@ def foreach_per_tensor() -> Iterator[None]:
         with _swap_lock:
             _swap_depth -= 1
             if _swap_depth == 0:
-                for module in _funceng_modules_seeing(TORCH_WITH_LOOPS):
+                for module in _funceng_modules_using_torch():
                     module.torch = torch
 
 
@@ -120,6 +127,18 @@ def _with_members(expected: Any, members: int) -> Any:
     if isinstance(expected, Tensor):
         return torch.empty((members, *expected.shape), dtype=expected.dtype, device="meta")
     return {key: _with_members(value, members) for key, value in expected.items()}
+
+
+def _static_shapes(compile: Any, model: nn.Module, dynamic_batch: bool) -> Any:
+    """Compile options with static shapes: torch.compile otherwise makes the member dimension symbolic when a
+    second population of another size compiles, which the batching rules of some layers (BatchNorm's backward)
+    cannot trace. A dynamic batch keeps torch's default."""
+    if compile == "auto":
+        first = next(model.parameters(), None)
+        compile = first is not None and first.device.type == "cuda"
+    if dynamic_batch or compile is False:
+        return compile
+    return {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
 
 
 class _MemberGenerators(StateGenerators):
@@ -166,6 +185,7 @@ class PopulationTrainStep(TrainStep):
                     "give each member its values once with funceng.population.set_hyperparams"
                 )
             options["schedule"] = self._scaled_schedule
+        options["compile"] = _static_shapes(options["compile"], model, options.get("dynamic_batch", False))
         super().__init__(model, tx, loss_fn, **options)
         if self.sharded:
             raise ValueError("make_population_step: a model sharded with fully_shard cannot be vmapped over members")
@@ -253,6 +273,7 @@ class PopulationEvalStep(EvalStep):
 
     def __init__(self, model, predict_fn, members, batch_per_member, **options):
         self.members, self.batch_per_member = members, batch_per_member
+        options["compile"] = _static_shapes(options["compile"], model, options.get("dynamic_batch", False))
         super().__init__(model, predict_fn, **options)
         if self.sharded:
             raise ValueError("make_population_eval_step: a sharded model cannot be vmapped over members")
