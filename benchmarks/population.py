@@ -6,7 +6,8 @@ compiled) vs N sequential funceng steps vs N sequential plain ``torch.optim`` lo
 Models: ``mlp`` (64-128-128-10, batch 64: the digits as flat vectors) and ``cnn`` (the digits CNN of
 ``examples/digits_cnn.py``: three conv-BN-ReLU layers on 8x8 images, batch 64). Every system trains N members
 with Adam on the same batch. Systems are interleaved window by window (drift hits all alike); the median window
-is reported as member-steps per second (N x steps per second) and as the speed-up over the plain loops.
+is reported as member-steps per second (N x steps per second) and as the speed-up over the plain loops. A window
+is ``max(2, steps * 4 / N)`` calls, so every N takes about as long to measure.
 
 DP-SGD: one funceng step with per-example gradients, clipping and noise (`funceng.privacy.DPSGD`) vs the plain
 funceng step, eager and compiled, and Opacus's ``GradSampleModule`` + ``DPOptimizer`` on the same model.
@@ -113,11 +114,13 @@ def time_systems(systems: dict[str, Callable[[], None]], windows: int, steps: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def population_table(members: list[int], windows: int, steps: int) -> list[str]:
+def population_table(members: list[int], windows: int, steps: int, models: list[str]) -> list[str]:
     rows = ["| model | N | system | member-steps/s | vs N plain loops |", "|---|---:|---|---:|---:|"]
-    for model_name, (build, shape) in MODELS.items():
+    for model_name in models:
+        build, shape = MODELS[model_name]
         batch = make_batch(shape)
         for n in members:
+            torch._dynamo.reset()  # torch.compile caches 8 compilations of one function: each N starts afresh
             torch.manual_seed(0)
             systems = {
                 "N plain torch.optim loops": plain_loops(build, n, batch),
@@ -126,7 +129,8 @@ def population_table(members: list[int], windows: int, steps: int) -> list[str]:
                 "population step, eager": funceng_population(build, n, batch, compile=False),
                 "population step, compiled": funceng_population(build, n, batch, compile=True),
             }
-            result = time_systems(systems, windows, steps)
+            calls = max(2, round(steps * 4 / n))  # fewer calls per window for larger N: each call trains N members
+            result = time_systems(systems, windows, calls)
             plain = result["N plain torch.optim loops"]
             for name, seconds in result.items():
                 rows.append(f"| {model_name} | {n} | {name} | {n / seconds:,.0f} | {plain / seconds:.2f}x |")
@@ -138,6 +142,7 @@ def dp_table(windows: int, steps: int) -> list[str]:
     import opacus
     import opacus.optimizers
 
+    torch._dynamo.reset()
     build, shape = MODELS["mlp"]
     batch = make_batch(shape)
     tx = optim.adam(1e-3)
@@ -182,13 +187,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--windows", type=int, default=5, help="timed windows per system (median reported)")
-    parser.add_argument("--steps", type=int, default=10, help="calls per window")
+    parser.add_argument("--steps", type=int, default=10, help="calls per window at N = 4 (scaled by 4 / N)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="N = 1 and 4, 2 windows of 2 calls (a smoke run)")
     args = parser.parse_args()
     if args.quick:
         args.members, args.windows, args.steps = [1, 4], 2, 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, funceng {funceng.__version__}")
-    population_table(args.members, args.windows, args.steps)
+    population_table(args.members, args.windows, args.steps, args.models)
     print()
     dp_table(args.windows, args.steps)
 

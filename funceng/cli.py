@@ -36,7 +36,10 @@ def inspect_checkpoint(path: str, out=None) -> int:
         f"format: {meta['format']}  written by funceng {versions.get('funceng')}, torch {versions.get('torch')}",
         file=out,
     )
-    step = int(state["step"]) if state is not None and "step" in state.keys() else "?"
+    step = "?"
+    if state is not None and "step" in state.keys():
+        counts = state["step"].reshape(-1).tolist()  # a population holds one count per member
+        step = counts[0] if len(counts) == 1 else f"{counts[0]} ({len(counts)} members)"
     print(
         f"step: {step}  epoch: {extra.get('epoch')}  iter: {extra.get('iter')}  "
         f"batch in epoch: {extra.get('batch')}  seed: {extra.get('seed')}",

@@ -62,19 +62,20 @@ class ModelFunction(nn.Module):
         super().__init__()
         self.model, self.fn = model, fn
         self.others = nn.ModuleList(others)
+        # found once, by identity, here: inside a compiled step, id() of a buffer would make torch.compile guard
+        # on that very tensor, and recompile for every state the model is bound to
+        seen, self.other_buffer_names = {id(b) for b in model.buffers()}, []
+        for name, buffer in self.others.named_buffers(prefix="others", remove_duplicate=False):
+            if id(buffer) not in seen:
+                seen.add(id(buffer))
+                self.other_buffer_names.append(name)
 
     def forward(self, batch: Any) -> Any:
         return self.fn(self.model, batch)
 
     def other_buffers(self) -> dict[str, Tensor]:
         """The buffers of the other modules, each tensor once, and none of the model's."""
-        seen = {id(b) for b in self.model.buffers()}
-        out = {}
-        for name, buffer in self.others.named_buffers(prefix="others", remove_duplicate=False):
-            if id(buffer) not in seen:
-                seen.add(id(buffer))
-                out[name] = buffer
-        return out
+        return {name: self.get_buffer(name) for name in self.other_buffer_names}
 
     def call_with(self, params: dict, buffers: dict, batch: Any, other_buffers: dict | None = None) -> Any:
         """``fn(model, batch)`` with the model computing with ``params`` and ``buffers`` instead of its own."""

@@ -94,3 +94,21 @@ def test_checkpoint_io_benchmark_times_every_system_and_the_step_during_a_backgr
     figures = json.loads(out.read_text())
     assert all(t["save"] > 0 and t["load"] > 0 for t in figures["io"].values())
     assert set(figures["steps"]) == {"no save in flight", "background save in flight", "blocking save before the steps"}
+
+
+def test_population_benchmark_times_every_system_and_dp_sgd_beside_opacus():
+    command = [sys.executable, str(ROOT / "benchmarks" / "population.py"), "--members", "2", "--windows", "1"]
+    command += ["--steps", "2", "--models", "mlp"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| mlp | 2 |")]
+    systems = [row.split("|")[3].strip() for row in rows]
+    assert systems == [
+        "N plain torch.optim loops",
+        "N funceng steps, eager",
+        "N funceng steps, compiled",
+        "population step, eager",
+        "population step, compiled",
+    ]
+    assert all(float(row.split("|")[4].replace(",", "")) > 0 for row in rows)
+    for system in ("funceng DP-SGD step, eager", "funceng DP-SGD step, compiled", "Opacus GradSampleModule"):
+        assert f"| {system}" in out

@@ -86,3 +86,18 @@ def test_a_step_keeps_no_state_alive_that_its_caller_dropped(fresh_dynamo):
     gc.collect()
     assert weight() is None  # the step forgot the leaves of the state it had seen
     torch.testing.assert_close(evaluate(state, batch()), first)
+
+
+def test_one_compiled_step_trains_many_states_of_a_batchnorm_model_in_one_graph(fresh_dynamo):
+    # each new state rebinds the model's BatchNorm buffers; the step must not guard on those tensors (it used to,
+    # recompiling per state until torch.compile's limit of 8 made the ninth state a hard failure)
+    model = mlp_with_batchnorm()
+    tx = optim.adam(1e-3)
+    states = [funceng.TrainState.create(model, tx, seed=i) for i in range(12)]
+    step = funceng.make_train_step(model, tx, cross_entropy, compile=True)
+    for _ in range(2):
+        for i in range(12):
+            states[i], _ = step(states[i], batch(seed=i))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [s["step"].item() for s in states] == [2] * 12
+    assert not torch.equal(states[0]["buffers", "1.running_mean"], states[1]["buffers", "1.running_mean"])

@@ -141,3 +141,18 @@ def test_a_compiled_population_run_trains_every_member(tmp_path, fresh_dynamo):
     assert state["step"].tolist() == [10] * 4
     assert torch.isfinite(state["params", "net.0.weight"]).all()
     assert not torch.equal(state["params", "net.0.weight"][0], state["params", "net.0.weight"][1])
+
+
+def test_funceng_inspect_reads_a_population_checkpoint(tmp_path):
+    import io
+
+    from funceng.cli import inspect_checkpoint
+
+    kwargs = population_kwargs(tmp_path)
+    kwargs["train_cfg"] = {**kwargs["train_cfg"], "max_epochs": 1}
+    with Runner(**kwargs) as runner:
+        runner.train()
+    out = io.StringIO()
+    assert inspect_checkpoint(str(tmp_path / "work"), out) == 0
+    assert "step: 10 (4 members)" in out.getvalue()
+    assert "params/net.0.weight" in out.getvalue() and "(4, 16, 8)" in out.getvalue()
