@@ -70,6 +70,14 @@ class MessageHub:
         return cls._instances[name]
 
     @classmethod
+    def fresh_instance(cls, name: str) -> MessageHub:
+        """A new, empty hub registered as ``name`` and made current: a run starts with none of the scalars of an
+        earlier run that had the same name (two runs started in the same second in different work_dirs)."""
+        cls._instances[name] = cls(name)
+        cls._current = name
+        return cls._instances[name]
+
+    @classmethod
     def get_current_instance(cls) -> MessageHub:
         return cls.get_instance(cls._current or "funceng")
 

@@ -42,9 +42,10 @@ def test_per_example_gradients_equal_a_loop_over_single_examples_and_opacus_grad
         assert losses[i].item() == pytest.approx(loss.item(), rel=1e-6)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-5, atol=1e-7)
-    sampled = opacus.GradSampleModule(copy.deepcopy(model))
+    inner = copy.deepcopy(model)
+    sampled = opacus.GradSampleModule(inner)  # hooks into inner's own parameters
     F.cross_entropy(sampled(x), y).backward()
-    for name, p in sampled._module.named_parameters():
+    for name, p in inner.named_parameters():
         torch.testing.assert_close(grads[name], p.grad_sample, rtol=1e-5, atol=1e-7)
 
 
@@ -52,7 +53,8 @@ def test_per_example_gradients_equal_a_loop_over_single_examples_and_opacus_grad
 def test_a_dp_step_without_noise_applies_opacus_clipped_average(fresh_dynamo, compile):
     max_norm, lr = 0.3, 0.5
     model = build()
-    reference = opacus.GradSampleModule(copy.deepcopy(model))
+    inner = copy.deepcopy(model)
+    reference = opacus.GradSampleModule(inner)
     dp_optimizer = opacus.optimizers.DPOptimizer(
         torch.optim.SGD(reference.parameters(), lr=lr), noise_multiplier=0.0, max_grad_norm=max_norm,
         expected_batch_size=12,
@@ -66,7 +68,7 @@ def test_a_dp_step_without_noise_applies_opacus_clipped_average(fresh_dynamo, co
         F.cross_entropy(reference(batch[0]), batch[1]).backward()
         dp_optimizer.step()
         state, metrics = step(state, batch)
-    for name, p in reference._module.named_parameters():
+    for name, p in inner.named_parameters():
         torch.testing.assert_close(state["params", name], p.detach(), rtol=1e-5, atol=1e-6)
     assert 0 < metrics["clipped_fraction"].item() <= 1  # large inputs: some examples exceed the norm
 

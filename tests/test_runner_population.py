@@ -156,3 +156,15 @@ def test_funceng_inspect_reads_a_population_checkpoint(tmp_path):
     assert inspect_checkpoint(str(tmp_path / "work"), out) == 0
     assert "step: 10 (4 members)" in out.getvalue()
     assert "params/net.0.weight" in out.getvalue() and "(4, 16, 8)" in out.getvalue()
+
+
+def test_a_later_run_of_the_same_name_logs_none_of_an_earlier_populations_scalars(tmp_path):
+    # two runs started in the same second in different work_dirs share a name; they used to share a message hub,
+    # and the second printed the first's loss_min and member_<i>/loss
+    with Runner(**population_kwargs(tmp_path / "a", experiment_name="same")) as runner:
+        runner.train()
+    with Runner(**runner_kwargs(tmp_path / "b", experiment_name="same")) as runner:
+        runner.train()
+        log = (runner.log_dir / f"{runner.timestamp}.log").read_text()
+    train_lines = [line for line in log.splitlines() if "Epoch(train)" in line]
+    assert train_lines and not any("loss_min" in line or "member_" in line for line in train_lines)

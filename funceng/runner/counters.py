@@ -9,8 +9,8 @@ from funceng.logging import MessageHub, MMLogger
 
 
 def open_message_hub(runner: Any) -> MessageHub:
-    """The run's `funceng.logging.MessageHub` (made current, with the run's logger as ``MMLogger``'s)."""
-    hub = MessageHub.get_instance(runner.experiment_name)
+    """The run's own `funceng.logging.MessageHub` (made current, with the run's logger as ``MMLogger``'s)."""
+    hub = MessageHub.fresh_instance(runner.experiment_name)
     hub.update_info_dict({"experiment_name": runner.experiment_name, "seed": runner.seed})
     MMLogger._current = runner.logger
     return hub
