@@ -246,9 +246,9 @@ def test_a_schedule_scaled_per_member_gives_each_member_its_scaled_learning_rate
         make_population_step(build_mlp(), tx, loss_fn, members=3, hyperparam_scales={"lr": [1, 2, 3]})
 
 
-@pytest.mark.parametrize(
-    ("compile", "amp", "tolerance"), [(False, None, 1e-5), (True, None, 1e-5), (True, "bf16", 1e-2)]
-)
+# compiled, bf16 too; the single-model steps compiled after the population step also check that a population step
+# leaves torch.compile's view of torch's own foreach kernels intact (patching torch itself broke them)
+@pytest.mark.parametrize(("compile", "amp", "tolerance"), [(False, None, 1e-5), (True, "bf16", 1e-2)])
 def test_freeze_and_accumulation_compose_per_member_eager_and_with_bf16_compiled(fresh_dynamo, compile, amp, tolerance):
     tx = adamw_with_state_hyperparams()
 
