@@ -16,8 +16,6 @@ funceng step, eager and compiled, and Opacus's ``GradSampleModule`` + ``DPOptimi
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -28,6 +26,8 @@ import funceng
 from funceng import optim, population
 from funceng.population_step import make_population_step
 from funceng.privacy import DPSGD
+
+from workloads import time_interleaved
 
 BATCH = 64
 
@@ -99,19 +99,8 @@ def funceng_population(build: Callable, n: int, batch, compile: bool) -> Callabl
     return run
 
 
-def time_systems(systems: dict[str, Callable[[], None]], windows: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each system, windows interleaved; the first calls (compilation) excluded."""
-    for run in systems.values():
-        for _ in range(3):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(windows):
-        for name, run in systems.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+def time_systems(systems: dict[str, Callable[[], None]], windows: int, calls: int) -> dict[str, float]:
+    return time_interleaved(systems, windows, calls, warmup=3)  # 3 untimed calls: compilation excluded
 
 
 def population_table(members: list[int], windows: int, steps: int, models: list[str]) -> list[str]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -19,7 +17,7 @@ from torch import nn
 import funceng
 from funceng import optim
 
-from workloads import WORKLOADS, make_batches, workload_loss
+from workloads import WORKLOADS, make_batches, time_interleaved, workload_loss
 
 # The comparison suite's models, as labelled in the table.
 LABELS = {"mlp": "mlp 64-256-256-10, batch 128", "cnn": "small cnn 32x32, batch 32"}
@@ -93,17 +91,7 @@ def measure(workload: str, windows: int, steps: int) -> dict[str, float]:
         "funceng eager, scheduled lr + momentum": ScheduledLoop(copy.deepcopy(base), batch, compile=False),
         "funceng compiled, scheduled lr + momentum": ScheduledLoop(copy.deepcopy(base), batch, compile=True),
     }
-    for run in systems.values():  # warm-up, compilation included
-        for _ in range(steps):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(windows):
-        for name, run in systems.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return time_interleaved(systems, windows, steps, warmup=steps)
 
 
 def main() -> None:

@@ -122,3 +122,23 @@ def workload_loss(out, y):
     import torch.nn.functional as F
 
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def time_interleaved(systems: dict[str, Any], windows: int, calls: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each system (a no-argument callable): ``warmup`` untimed calls each (compilation
+    included), then ``windows`` timed windows of ``calls`` calls, interleaved across systems so that the machine's
+    drift hits all of them alike."""
+    import statistics
+    import time
+
+    for run in systems.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(windows):
+        for name, run in systems.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
