@@ -149,3 +149,20 @@ def test_epsilon_is_opacus_rdp_accountants_and_grows_with_steps():
         accountant.step(noise_multiplier=1.1, sample_rate=0.01)
     assert epsilon(1.1, 0.01, 300, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     assert epsilon(1.1, 0.01, 100, 1e-5) < epsilon(1.1, 0.01, 300, 1e-5) < epsilon(0.8, 0.01, 300, 1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_dp_sgd_with_a_frozen_layer_and_bf16_leaves_it_unchanged_and_trains_the_rest(fresh_dynamo, compile):
+    model = build()
+    model[0].weight.requires_grad_(False)
+    tx = optim.sgd(0.5)
+    state = funceng.TrainState.create(model, tx, seed=3)
+    frozen, head = state["params", "0.weight"].clone(), state["params", "2.weight"].clone()
+    step = funceng.make_train_step(
+        model, tx, loss_fn, compile=compile, amp="bf16", privacy=DPSGD(max_norm=1.0, noise_multiplier=0.5)
+    )
+    for seed in range(3):
+        state, metrics = step(state, data(seed=seed))
+    assert torch.equal(state["params", "0.weight"], frozen)
+    assert not torch.equal(state["params", "2.weight"], head)
+    assert torch.isfinite(metrics["loss"]) and "clipped_fraction" in metrics
