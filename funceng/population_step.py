@@ -189,7 +189,7 @@ class PopulationTrainStep(TrainStep):
         super().__init__(model, tx, loss_fn, **options)
         if self.sharded:
             raise ValueError("make_population_step: a model sharded with fully_shard cannot be vmapped over members")
-        if self._reduce.__name__ != "_no_reduction":
+        if self.data_parallel:
             raise ValueError(
                 "make_population_step: a population trains in one process; collectives cannot run inside vmap. "
                 "Pass data_parallel=False (each rank then trains its own population)"

@@ -241,15 +241,14 @@ class TrainStep(_Step):
         self.trainable = trainable_names(model)
         if not self.trainable:
             raise ValueError("make_train_step: every parameter of the model has requires_grad=False: nothing to train")
-        if data_parallel is None:
-            data_parallel = dist.get_world_size() > 1
+        self.data_parallel = dist.get_world_size() > 1 if data_parallel is None else data_parallel
         self.privacy = privacy
         if privacy is not None:  # DP-SGD (`funceng.privacy`) brings its own gradients
-            self._grads = privacy.gradients(self, accumulate=accumulate, data_parallel=data_parallel)
+            self._grads = privacy.gradients(self, accumulate=accumulate, data_parallel=self.data_parallel)
         else:
             gradients = FunctionalGradients if self.compiled else ShardedGradients if self.sharded else EagerGradients
             self._grads = gradients(model, self.loss_fn, self.amp_dtype, self.device_type, self.trainable)
-        reduce = _mean_across_ranks if data_parallel else _no_reduction
+        reduce = _mean_across_ranks if self.data_parallel else _no_reduction
         self._reduce = _mean_logs_across_ranks if self.sharded else reduce
         fp16 = self.amp_dtype == torch.float16
         self._loss_scale = DynamicScaling(self.sharded, **self.scaling) if fp16 else NoScaling()

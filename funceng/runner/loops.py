@@ -23,6 +23,7 @@ from funceng.registry import LOOPS
 from funceng.runner.data import resume_position, to_device, train_pass_loader
 from funceng.runner.env import StopSignals
 from funceng.runner.finite_check import NonFiniteCheck
+from funceng.runner.population_run import parse_plan
 from funceng.step import TrainStep
 
 if TYPE_CHECKING:
@@ -354,7 +355,5 @@ def build_train_loop(
         raise ConfigError(f"train_cfg.{needed} must be a positive int, got {cfg[needed]!r}")
     built = loop(runner, dataloader, **cfg)
     if plan is not None:  # N members trained together (`funceng.runner.population_run`)
-        from funceng.runner.population_run import parse_plan
-
         built.population = parse_plan(plan, runner.seed)
     return built
