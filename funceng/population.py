@@ -137,12 +137,19 @@ def member(state: TrainState, index: int, copy: bool = True) -> TrainState:
     return TrainState(tree.unflatten(template, rows), batch_size=[]).lock_()
 
 
-def hyperparameter_leaves(opt_state: Any, name: str) -> list[tuple[str, Tensor]]:
+def hyperparameter_leaves(opt_state: Any, name: str, caller: str) -> list[tuple[str, Tensor]]:
     """``(path, tensor)`` of every optimizer-state leaf whose own key is ``name`` (``lr`` of each transform or
-    param group; an injected hyperparameter such as ``weight_decay``)."""
+    param group; an injected hyperparameter such as ``weight_decay``). None is an error naming ``caller`` and the
+    way to keep the hyperparameter in the state."""
     if isinstance(opt_state, TensorDict):
         opt_state = opt_state.to_dict()
-    return [("/".join(path), leaf) for path, leaf in tree.walk(opt_state) if path and path[-1] == name]
+    found = [("/".join(path), leaf) for path, leaf in tree.walk(opt_state) if path and path[-1] == name]
+    if not found:
+        raise KeyError(
+            f"{caller}: the optimizer state keeps no {name!r}, so it cannot differ per member. Build the optimizer "
+            f"with funceng.optim.inject_hyperparams(factory, ({name!r},))(...) to keep it in the state"
+        )
+    return found
 
 
 def scale_hyperparams(state: TrainState, **factors: Sequence[float] | Tensor) -> None:
@@ -150,10 +157,7 @@ def scale_hyperparams(state: TrainState, **factors: Sequence[float] | Tensor) ->
     ``scale_hyperparams(state, lr=[0.5, 1, 2])`` keeps the ratios between param groups (``lr_mult``)."""
     n = _members_of(state)
     for name, factor in factors.items():
-        targets = hyperparameter_leaves(state["opt_state"], name)
-        if not targets:
-            raise KeyError(f"scale_hyperparams: the optimizer state keeps no {name!r}")
-        for _, leaf in targets:
+        for _, leaf in hyperparameter_leaves(state["opt_state"], name, "scale_hyperparams"):
             column = torch.as_tensor(factor, dtype=leaf.dtype).to(leaf.device)
             if column.shape != (n,):
                 raise ValueError(
@@ -174,13 +178,7 @@ def set_hyperparams(state: TrainState, **values: Sequence[float] | Tensor) -> No
     n = _members_of(state)
     opt_state = state["opt_state"]
     for name, value in values.items():
-        targets = hyperparameter_leaves(opt_state, name)
-        if not targets:
-            raise KeyError(
-                f"set_hyperparams: the optimizer state keeps no {name!r}, so it cannot differ per member. Build the "
-                f"optimizer with funceng.optim.inject_hyperparams(factory, ({name!r},))(...) to keep it in the state"
-            )
-        for path, leaf in targets:
+        for path, leaf in hyperparameter_leaves(opt_state, name, "set_hyperparams"):
             column = torch.as_tensor(value, dtype=leaf.dtype).to(leaf.device)
             if column.shape != leaf.shape:
                 raise ValueError(

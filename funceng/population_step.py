@@ -31,7 +31,7 @@ from funceng.optim import GradientTransformation
 from funceng.population import hyperparameter_leaves
 from funceng.rng import StateGenerators
 from funceng.state import expected_state
-from funceng.step import EvalStep, TrainStep
+from funceng.step import EvalStep, TrainStep, resolve_compile
 
 # -- the optimizers' multi-tensor kernels as per-tensor loops ----------------------------------------------------
 
@@ -129,16 +129,14 @@ def _with_members(expected: Any, members: int) -> Any:
     return {key: _with_members(value, members) for key, value in expected.items()}
 
 
-def _static_shapes(compile: Any, model: nn.Module, dynamic_batch: bool) -> Any:
+def _static_shapes(compile: Any, model: nn.Module, dynamic_batch: bool) -> dict | bool:
     """Compile options with static shapes: torch.compile otherwise makes the member dimension symbolic when a
     second population of another size compiles, which the batching rules of some layers (BatchNorm's backward)
     cannot trace. A dynamic batch keeps torch's default."""
-    if compile == "auto":
-        first = next(model.parameters(), None)
-        compile = first is not None and first.device.type == "cuda"
-    if dynamic_batch or compile is False:
-        return compile
-    return {"dynamic": False, **(compile if isinstance(compile, dict) else {})}
+    options = resolve_compile(compile, model)
+    if options is None:
+        return False
+    return options if dynamic_batch else {"dynamic": False, **options}
 
 
 class _MemberGenerators(StateGenerators):
@@ -260,11 +258,8 @@ class PopulationTrainStep(TrainStep):
         """The user's schedule, then this member's scale on each scaled hyperparameter it wrote."""
         self.user_schedule(step, opt_state)
         for name, scale in scales.items():
-            targets = [leaf for _, leaf in hyperparameter_leaves(opt_state, name)]
-            if not targets:
-                raise KeyError(f"hyperparam_scales: the optimizer state keeps no {name!r} to scale")
-            for target in targets:  # vmap batches per-tensor ops, not foreach kernels
-                target.mul_(scale)
+            for _, target in hyperparameter_leaves(opt_state, name, "hyperparam_scales"):
+                target.mul_(scale)  # vmap batches per-tensor ops, not foreach kernels
 
 
 class PopulationEvalStep(EvalStep):

@@ -56,7 +56,7 @@ class _Layout:
         return leaves
 
 
-def _resolve_compile(compile: bool | str | dict, model: nn.Module) -> dict | None:
+def resolve_compile(compile: bool | str | dict, model: nn.Module) -> dict | None:
     """``torch.compile`` options, or ``None`` for eager. A dict is passed to ``torch.compile`` (e.g.
     ``{"mode": "reduce-overhead"}`` for CUDA graphs); ``fullgraph`` is always on."""
     if compile == "auto":
@@ -128,7 +128,7 @@ class _Step:
                 "in module hooks, which a whole-step graph cannot hold); compile its blocks instead, with "
                 "torch.compile(block) before sharding, and pass compile=False"
             )
-        self.compile_options = _resolve_compile(compile, model)
+        self.compile_options = resolve_compile(compile, model)
         self.compiled = self.compile_options is not None
         self.amp_dtype, self.scaling = parse_amp(amp)
         self.dynamic_batch = dynamic_batch and self.compiled

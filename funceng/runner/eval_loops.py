@@ -42,25 +42,28 @@ class EvalLoop:
             if population.size(state) is not None:  # every member (`funceng.runner.population_run`)
                 metrics = population_run.evaluate(self, state)
             else:
-                metrics = self._evaluate_state(state)
+                metrics = self.evaluate_states([state], [self.evaluator])[0]
         runner.last_metrics = metrics
         runner.call_hook(f"after_{mode}_epoch", metrics=metrics)
         runner.call_hook(f"after_{mode}")
         runner.sync_model()
         return metrics
 
-    def _evaluate_state(self, state: Any) -> dict[str, Any]:
-        """One pass over the loader feeding ``state``'s outputs to the metrics; returns them."""
+    def evaluate_states(self, states: list[Any], evaluators: list[Evaluator]) -> list[dict[str, Any]]:
+        """One pass over the loader, each batch evaluated by every state and fed to that state's evaluator (the
+        iteration hooks see the last state's outputs); returns each evaluator's metrics."""
         runner, mode = self.runner, self.mode
         for batch_idx, batch in self.timer.batches(self.dataloader):
             runner.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
-            outputs = self.eval_step(state, to_device(batch, runner.device))
-            self.evaluator.process(data_samples=outputs, data_batch=batch)
+            on_device = to_device(batch, runner.device)
+            for state, evaluator in zip(states, evaluators, strict=True):
+                outputs = self.eval_step(state, on_device)
+                evaluator.process(data_samples=outputs, data_batch=batch)
             self.timer.end_iter()
             runner.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
         size = len(self.dataloader.dataset) if hasattr(self.dataloader, "dataset") else len(self.dataloader)
         with dist.naming_collective_failures(f"gathering the {mode} results"):
-            return self.evaluator.evaluate(size)
+            return [evaluator.evaluate(size) for evaluator in evaluators]
 
 
 @LOOPS.register

@@ -28,7 +28,6 @@ from funceng import population
 from funceng.errors import ConfigError
 from funceng.evaluator import metric_rule
 from funceng.population_step import make_population_step
-from funceng.runner.data import to_device
 from funceng.runner.hooks import CheckpointHook, EMAHook
 from funceng.runner.imperative_step import trains_imperatively
 from funceng.runner.log import MEMBER_PREFIX, log_frozen
@@ -126,9 +125,7 @@ def build_training(runner: Runner, length: Any, device: torch.device, dynamic_ba
     state = population.create(runner.model, setup.tx, seeds=plan.seeds)
     if setup.init_scale is not None:
         state["loss_scale"]["scale"].fill_(setup.init_scale)
-    scheduled = {name for name, _ in setup.hyperparams.tables.values} | {
-        p.param for p in setup.hyperparams.tables.plateaus
-    }
+    scheduled = {name for name, _ in setup.hyperparams.tables.values}  # plateaus were refused above
     scales = {}
     for name, column in plan.values.items():
         if configured[name] == 0:
@@ -193,19 +190,7 @@ def evaluate(loop: Any, state: Any) -> dict[str, Any]:
     evaluators = getattr(loop, "member_evaluators", None)
     if evaluators is None or len(evaluators) != n:
         evaluators = loop.member_evaluators = [copy.deepcopy(loop.evaluator) for _ in range(n)]
-    members = [population.member(state, i, copy=False) for i in range(n)]
-    mode = loop.mode
-    for batch_idx, batch in loop.timer.batches(loop.dataloader):
-        runner.call_hook(f"before_{mode}_iter", batch_idx=batch_idx, data_batch=batch)
-        on_device = to_device(batch, runner.device)
-        outputs = None
-        for evaluator, member in zip(evaluators, members):
-            outputs = loop.eval_step(member, on_device)
-            evaluator.process(data_samples=outputs, data_batch=batch)
-        loop.timer.end_iter()
-        runner.call_hook(f"after_{mode}_iter", batch_idx=batch_idx, data_batch=batch, outputs=outputs)
-    size = len(loop.dataloader.dataset) if hasattr(loop.dataloader, "dataset") else len(loop.dataloader)
-    results = [evaluator.evaluate(size) for evaluator in evaluators]
+    results = loop.evaluate_states([population.member(state, i, copy=False) for i in range(n)], evaluators)
     key, rule = _ranking(runner, results[0])
     values = [float(r[key]) for r in results]
     best = (max if rule == "greater" else min)(range(n), key=values.__getitem__)
