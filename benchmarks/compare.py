@@ -154,9 +154,19 @@ def _mmengine(model, batches, ctl, device, amp, work_dir):
     runner.train()
 
 
+def lightning_package() -> str | None:
+    """``lightning`` (the unified package) or, failing that, the standalone ``pytorch_lightning``."""
+    import importlib.util
+
+    return next((name for name in ("lightning", "pytorch_lightning") if importlib.util.find_spec(name)), None)
+
+
 def _lightning(model, batches, ctl, device, amp, work_dir):
-    import lightning
+    import importlib
+
     import torch
+
+    lightning = importlib.import_module(lightning_package())  # both name LightningModule, Callback and Trainer
 
     class Module(lightning.LightningModule):
         def __init__(self):
@@ -257,9 +267,9 @@ def _unavailable(system: str, workload: str, cuda: bool) -> str | None:
     if system == "g" and not cuda:
         return "CUDA only"
     if system == "c" and importlib.util.find_spec("mmengine") is None:
-        return "MMEngine not installed (pip install funceng[bench])"
-    if system == "d" and importlib.util.find_spec("lightning") is None:
-        return "Lightning not installed (pip install funceng[bench])"
+        return "MMEngine not installed (pip install 'funceng[bench]')"
+    if system == "d" and lightning_package() is None:
+        return "Lightning not installed: neither lightning nor pytorch_lightning (pip install 'funceng[bench]')"
     if workload == "resnet18" and importlib.util.find_spec("torchvision") is None:
         return "torchvision not installed"
     return None
@@ -394,12 +404,23 @@ def write_results(path: Path, results: dict[str, Any], command: str) -> None:
     path.write_text(text)
 
 
+QUICK_WORKLOADS = ["mlp", "cnn"]  # compile in seconds on a CPU; ResNet-18's compile alone takes minutes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument(
+        "--workloads", nargs="+", choices=list(WORKLOADS), help=f"default: all, or {QUICK_WORKLOADS} with --quick"
+    )
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--windows", type=int, default=None, help="timed windows per system (default 7, quick 5)")
     parser.add_argument("--steps", type=int, default=None, help="steps per window (default 20, quick 10)")
-    parser.add_argument("--quick", action="store_true", help="small batches and few windows: minutes on 2 CPU cores")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"the {' and '.join(QUICK_WORKLOADS)} workloads only, small batches, 5 windows of 10 steps: every "
+        "system's steps/s, first-step time (cold and warm compile cache) and peak memory in under 3 minutes on "
+        "2 CPU cores",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--results", type=Path, help="update this device's section of a results file (benchmarks/RESULTS.md)"
@@ -409,7 +430,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, command_line: str) -> None:
     windows = args.windows or (5 if args.quick else 7)
     steps = args.steps or (10 if args.quick else 20)
-    results = run_suite(args.workloads, args.systems, windows, steps, args.quick)
+    workloads = args.workloads or (QUICK_WORKLOADS if args.quick else list(WORKLOADS))
+    results = run_suite(workloads, args.systems, windows, steps, args.quick)
     table = markdown(results)
     print(table)
     if args.json:

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from funceng import checkpoint as ckpt
-from funceng.errors import CheckpointError, ConfigError, DistributedError
+from funceng.errors import CheckpointError, ConfigError, DistributedError, MissingExtraError
+from funceng.version import __version__
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # in a source checkout
 
@@ -17,6 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # in a source c
 def inspect_checkpoint(path: str, out=None) -> int:
     """Prints a checkpoint's step, epoch, tensors and metadata after verifying every checksum; 0 if intact.
     Given a work_dir, inspects the checkpoint its ``last_checkpoint`` names."""
+    from funceng import checkpoint as ckpt  # torch is imported by the commands that need it, not by --help
+
     out = out or sys.stdout
     if (Path(path) / "last_checkpoint").exists() and not (Path(path) / "manifest.json").exists():
         target = ckpt.read_pointer(Path(path) / "last_checkpoint")
@@ -126,6 +128,7 @@ def bench(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="funceng", description="funceng: a functional training engine on PyTorch")
+    parser.add_argument("--version", action="version", version=f"funceng {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("train", "train from a config file"), ("test", "evaluate a checkpoint")):
         sub = commands.add_parser(name, help=helptext)
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {convert(args.checkpoint, args.out)}")
             return 0
         return {"train": train, "test": test, "plot": plot}[args.command](args)
-    except (CheckpointError, ConfigError, DistributedError, FileNotFoundError) as exc:
+    except (CheckpointError, ConfigError, DistributedError, FileNotFoundError, MissingExtraError) as exc:
         print(f"funceng: {exc}", file=sys.stderr)
         return 2
 

@@ -40,3 +40,22 @@ def check_keys(where: str, cfg: Mapping[str, Any], allowed: Iterable[str]) -> No
         if key not in allowed:
             suggestion = did_you_mean(key, allowed)
             raise ConfigError(f"{where}: unknown key {key!r}{suggestion}; expected one of {sorted(allowed)}")
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the feature and the
+    ``pip install 'funceng[<extra>]'`` that brings it."""
+
+
+def require(module: str, extra: str, feature: str) -> Any:
+    """Imports optional ``module`` for ``feature``, or raises `MissingExtraError` naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{feature} needs the {module.split('.')[0]!r} package, which is not installed: "
+            f"pip install 'funceng[{extra}]'",
+            name=module,
+        ) from exc

@@ -2,14 +2,13 @@
 
 funceng's own hooks live in `funceng.runner.hooks`, one per module. MMEngine's default hooks that funceng's
 loops do themselves (timing, runtime info, parameter schedules, sampler seeds, visualisation) are accepted as
-names and logged as ignored (`funceng.runner.compat`); `ProfilerHook` is refused with a pointer.
+names and logged as ignored (`funceng.runner.compat`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from funceng.errors import ConfigError
 from funceng.registry import HOOKS
 from funceng.runner import compat
 from funceng.runner.hooks import (
@@ -18,6 +17,7 @@ from funceng.runner.hooks import (
     EMAHook,
     Hook,
     LoggerHook,
+    ProfilerHook,
     SyncBuffersHook,
 )
 from funceng.runner.hooks.hook import BUILT_IN_DEFAULT_HOOKS
@@ -79,15 +79,3 @@ class _BuiltIntoLoops(Hook):
 for _key, _name in BUILT_IN_DEFAULT_HOOKS.items():
     globals()[_name] = HOOKS.register(type(_name, (_BuiltIntoLoops,), {"key": _key, "__module__": __name__}))
 __all__ += list(BUILT_IN_DEFAULT_HOOKS.values())
-
-
-@HOOKS.register
-class ProfilerHook(Hook):
-    """Refused: funceng has no profiler hook yet."""
-
-    def __init__(self, *args, **kwargs):
-        raise ConfigError(
-            "ProfilerHook is not available in funceng yet; profile a few iterations by wrapping runner.train() "
-            "in torch.profiler.profile(schedule=torch.profiler.schedule(wait=1, warmup=1, active=3), "
-            "on_trace_ready=torch.profiler.tensorboard_trace_handler(dir))"
-        )

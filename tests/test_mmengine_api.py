@@ -343,13 +343,10 @@ def test_a_save_best_metric_whose_name_does_not_tell_the_rule_needs_one_as_in_mm
 
 
 def test_what_funceng_refuses_names_what_to_use_instead(tmp_path):
-    from funceng.hooks import ProfilerHook
     from funceng.runner import FlexibleRunner, Runner
 
     with pytest.raises(ConfigError, match="use funceng.runner.Runner; for sharded training"):
         FlexibleRunner(model=None, work_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="torch.profiler.profile"):
-        ProfilerHook()
     kwargs = tutorials.regression_runner_kwargs(
         "funceng", tmp_path, log_processor=dict(custom_cfg=[dict(data_src="loss")])
     )

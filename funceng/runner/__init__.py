@@ -4,10 +4,19 @@ from funceng.errors import ConfigError
 from funceng.registry import RUNNERS
 from funceng.runner.eval_loops import TestLoop, ValLoop
 from funceng.runner.flexible import FlexibleRunner
-from funceng.runner.hooks import CheckpointHook, EarlyStoppingHook, EMAHook, Hook, LoggerHook, SyncBuffersHook
+from funceng.runner.hooks import (
+    CheckpointHook,
+    EarlyStoppingHook,
+    EMAHook,
+    Hook,
+    LoggerHook,
+    ProfilerHook,
+    SyncBuffersHook,
+)
 from funceng.runner.loops import EpochBasedTrainLoop, IterBasedTrainLoop
 from funceng.runner.runner import Runner
 from funceng.runner.sampler import DefaultSampler
+from funceng.runner.trackers import MLflowVisBackend, WandbVisBackend
 
 RUNNERS.register(Runner)
 
@@ -20,11 +29,13 @@ __all__ = [
     "EpochBasedTrainLoop",
     "Hook",
     "FlexibleRunner",
-    "FlexibleRunner",
     "IterBasedTrainLoop",
     "LoggerHook",
+    "MLflowVisBackend",
+    "ProfilerHook",
     "Runner",
     "SyncBuffersHook",
     "TestLoop",
     "ValLoop",
+    "WandbVisBackend",
 ]

@@ -250,3 +250,10 @@ class _WorkerInit:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.user_fn is not None:
             self.user_fn(worker_id)
+
+
+def runner_build_dataloader(dataloader: Any, seed: int | None = None, diff_rank_seed: bool = False) -> Any:
+    """MMEngine's ``Runner.build_dataloader``: a loader from a dataloader dict (a built one passes through)."""
+    if diff_rank_seed:
+        raise ConfigError("Runner.build_dataloader(diff_rank_seed=True) is not supported: the data order is shared")
+    return build_dataloader(dataloader, "dataloader", seed or 0, train=True)

@@ -32,7 +32,11 @@ class EvalLoop:
         runner, mode = self.runner, self.mode
         if self.eval_step is None:
             self.eval_step = make_eval_step(
-                runner.model, compile=runner.compile, amp=self.amp, dynamic_batch=is_ragged(self.dataloader)
+                runner.model,
+                runner.predict_fn,
+                compile=runner.compile,
+                amp=self.amp,
+                dynamic_batch=is_ragged(self.dataloader),
             )
         runner.call_hook(f"before_{mode}")
         runner.call_hook(f"before_{mode}_epoch")

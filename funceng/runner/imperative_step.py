@@ -188,7 +188,7 @@ def build_imperative_training(runner: Any, loader: Any) -> None:
     for hyperparams in setup.hyperparams.values():
         hyperparams.locate(runner.state["opt_state"])
     bound = setup.bind(runner)
-    if runner.compile:
+    if runner.compile not in (False, "auto"):  # "auto" is the default: only an explicit request is worth a warning
         runner.logger.warning(
             f"{type(runner.model).__name__}.train_step runs eagerly, as in MMEngine, because "
             + ("it is overridden" if overrides_train_step(runner.model) else "optim_wrapper is an object")

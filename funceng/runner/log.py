@@ -1,4 +1,4 @@
-"""MMEngine-format logging: the logger, its line formats, smoothing windows and the progress bar."""
+"""MMEngine-format logging: the run's logger, its line formats and smoothing windows."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from funceng.errors import ConfigError, check_keys
+from funceng.runner.terminal import TerminalHandler
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
@@ -21,34 +22,23 @@ DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
 MEMBER_PREFIX = "member_"  # a population member's scalars ("member_3/loss"): in the scalars file, not the log line
 
 
-class IterationLineFilter(logging.Filter):
-    """Keeps per-iteration lines off the terminal while a progress bar shows them (the log file keeps them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.quiet = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.quiet and getattr(record, "iteration_line", False))
-
-
 class RunLogger(logging.Logger):
-    """A run's private logger named ``funceng``: to stdout and, on the main process, to the run's log file.
+    """A run's private logger named ``funceng``: to the terminal (stdout, through `TerminalHandler`: coloured
+    level names on a TTY, never interleaved with a progress bar) and, on the main process, to the run's log file
+    (plain text).
 
-    ``terminal_filter`` (an `IterationLineFilter`) can hide per-iteration lines from the terminal.
+    ``terminal_filter`` (an `IterationLineFilter`) can hide per-iteration lines from the terminal;
+    ``terminal_stream`` is the stream bars must use.
     """
 
     def __init__(self, log_file: Path | None, level: str = "INFO"):
         super().__init__("funceng", level=level)
-        formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
-        stream = logging.StreamHandler(sys.stdout)
-        stream.setFormatter(formatter)
-        self.terminal_filter = IterationLineFilter()
-        stream.addFilter(self.terminal_filter)
-        self.addHandler(stream)
+        terminal = TerminalHandler(sys.stdout, LOG_FORMAT, DATE_FORMAT)
+        self.terminal_filter, self.terminal_stream = terminal.lines, terminal.stream
+        self.addHandler(terminal)
         if log_file is not None:
             file = logging.FileHandler(log_file, mode="w")
-            file.setFormatter(formatter)
+            file.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
             self.addHandler(file)
 
     def close(self) -> None:
@@ -56,23 +46,6 @@ class RunLogger(logging.Logger):
         for handler in list(self.handlers):
             handler.close()
             self.removeHandler(handler)
-
-
-class ProgressBar:
-    """A live bar on stderr with eta, it/s and the latest logged loss and lr."""
-
-    def __init__(self, total: int, desc: str, initial: int = 0):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=True, file=sys.stderr)
-
-    def update(self, **postfix: float) -> None:
-        self.bar.update(1)
-        if postfix:
-            self.bar.set_postfix({k: f"{v:.4f}" if k != "lr" else f"{v:.2e}" for k, v in postfix.items()})
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class Window:

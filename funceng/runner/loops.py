@@ -146,9 +146,11 @@ class TrainLoop:
         runner.checkpointer.blocking = True  # in place before exiting
         path = runner.save_checkpoint(f"iter_{self.iter}")
         dist.barrier()  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
+        config = getattr(runner.cfg, "filename", None) or "CONFIG"
         runner.logger.info(
-            f"Received {signal.Signals(signum).name}: saved checkpoint {path} at iteration "
-            f"{self.iter}; resume with resume=True. Exiting."
+            f"Received {signal.Signals(signum).name}: saved checkpoint {path} at iteration {self.iter}. "
+            f"Resume with: funceng train {config} --work-dir {runner.work_dir} --resume "
+            "(in Python: Runner(..., resume=True)). Exiting."
         )
         runner.sync_model()
         raise SystemExit(128 + signum)

@@ -146,6 +146,7 @@ def build_training(runner: Runner, length: Any, device: torch.device, dynamic_ba
     step = make_population_step(
         runner.model,
         setup.tx,
+        runner.loss_fn,
         members=plan.members,
         hyperparam_scales=scales or None,
         compile=runner.compile,

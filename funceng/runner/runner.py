@@ -24,7 +24,7 @@ from funceng.runner import compat, population_run
 from funceng.runner.activation_checkpointing import apply_memory_options
 from funceng.runner.checkpointer import Checkpointer
 from funceng.runner.counters import RunnerCounters, open_message_hub
-from funceng.runner.data import build_dataloader, is_ragged
+from funceng.runner.data import build_dataloader, is_ragged, runner_build_dataloader
 from funceng.runner.env import RunEnvironment, default_device, dump_config, open_run_log
 from funceng.runner.eval_loops import EvalLoop, build_eval_loop
 from funceng.runner.hooks import CheckpointHook, EMAHook, Hook, build_hooks
@@ -32,6 +32,7 @@ from funceng.runner.hooks.plateau_hook import ReduceOnPlateauHook
 from funceng.runner.imperative_step import build_imperative_training, trains_imperatively
 from funceng.runner.log import build_log_processor, log_frozen
 from funceng.runner.loops import IterTimer, build_train_loop
+from funceng.runner.model_functions import check_model_functions
 from funceng.runner.model_wrappers import wrap_model
 from funceng.runner.optim_wrapper import build_optimizer, config_facade, scale_lr
 from funceng.runner.param_scheduler import train_length
@@ -44,8 +45,9 @@ from funceng.weights import save_weights
 
 
 class Runner(RunnerCounters):
-    """Trains, validates, tests, logs and checkpoints a `BaseModel` from MMEngine-style arguments.
-
+    """Trains, validates, tests, logs and checkpoints a `BaseModel` from MMEngine-style arguments, or a plain
+    ``nn.Module`` given ``loss_fn(model, batch)`` / ``predict_fn(model, batch)`` (the functional API's contract,
+    `funceng.runner.model_functions`). ``compile`` is the steps' (``"auto"``: compiled on CUDA, eager on the CPU).
     Use it as a context manager, or call `close`, to close its log and scalar files.
     """
 
@@ -68,7 +70,7 @@ class Runner(RunnerCounters):
         load_from: str | None = None,
         resume: bool | str = False,
         randomness: Mapping | None = None,
-        compile: bool | str | dict = False,
+        compile: bool | str | dict = "auto",
         experiment_name: str | None = None,
         log_level: str = "INFO",
         cfg: Any = None,
@@ -80,6 +82,8 @@ class Runner(RunnerCounters):
         model_wrapper_cfg: Mapping | None = None,
         log_processor: Mapping | None = None,
         checkpoint: Mapping | None = None,
+        loss_fn: Any = None,
+        predict_fn: Any = None,
     ):
         self.work_dir = Path(work_dir).resolve()
         if self.work_dir.exists() and not self.work_dir.is_dir():
@@ -99,12 +103,14 @@ class Runner(RunnerCounters):
         self.load_from, self.resume_from = load_from, resume
         self.auto_scale_lr = dict(auto_scale_lr or {})
         check_keys("auto_scale_lr", self.auto_scale_lr, {"base_batch_size", "enable"})
-        self.train_cfg, self.compile = train_cfg, compile or self.cfg.get("compile", False)  # MMEngine reads cfg
+        self.train_cfg, self.compile = train_cfg, self.cfg.get("compile", compile) if compile == "auto" else compile
         self.train_loop = build_train_loop(self, train_cfg, self.train_dataloader, optim_wrapper)
         self.val_loop = build_eval_loop(self, "val", val_cfg, self.val_dataloader, val_evaluator)
         self.test_loop = build_eval_loop(self, "test", test_cfg, self.test_dataloader, test_evaluator)
         self.model = wrap_model(model, model_wrapper_cfg, self.device, self.world_size)
         self.sharded = is_sharded(self.model)
+        evaluates = bool(self.val_loop or self.test_loop)  # a plain module needs loss_fn / predict_fn for these
+        self.loss_fn, self.predict_fn = check_model_functions(model, loss_fn, predict_fn, bool(train_cfg), evaluates)
         checkpointed = apply_memory_options(self.model, self.cfg, self.compile)
         self.compile = False if checkpointed else self.compile  # "auto" picks eager (said in the log line)
         self.hooks: list[Hook] = build_hooks(default_hooks, custom_hooks)
@@ -149,17 +155,11 @@ class Runner(RunnerCounters):
             if key not in names and close:
                 raise ConfigError(f"config: {key!r} is not a Runner argument (did you mean {close[0]!r}?)")
         kwargs = {k: v for k, v in values.items() if k in names and k != "cfg"}
-        missing = [k for k in ("model", "work_dir") if k not in kwargs]
-        if missing:
+        if missing := [k for k in ("model", "work_dir") if k not in kwargs]:
             raise ConfigError(f"config: missing {missing}")
         return cls(**{**kwargs, "model": build_model(kwargs["model"]), "cfg": config})
 
-    @staticmethod
-    def build_dataloader(dataloader: Any, seed: int | None = None, diff_rank_seed: bool = False) -> Any:
-        """MMEngine's ``Runner.build_dataloader``: a loader from a dataloader dict (a built one passes through)."""
-        if diff_rank_seed:
-            raise ConfigError("Runner.build_dataloader(diff_rank_seed=True) is not supported: the data order is shared")
-        return build_dataloader(dataloader, "dataloader", seed or 0, train=True)
+    build_dataloader = staticmethod(runner_build_dataloader)  # MMEngine's Runner.build_dataloader
 
     def config_summary(self) -> dict[str, Any]:
         """The run's training config, as checkpoints record it."""
@@ -169,8 +169,6 @@ class Runner(RunnerCounters):
             "param_scheduler": self.param_scheduler,
             "compile": self.compile,
         }
-
-    # -- running -----------------------------------------------------------------------------------------------
 
     def train(self) -> nn.Module:
         """Trains for ``train_cfg``'s length, validating every ``val_interval``; returns the trained model."""
@@ -236,6 +234,7 @@ class Runner(RunnerCounters):
         self.train_loop.train_step = make_train_step(
             self.model,
             setup.tx,
+            self.loss_fn,
             compile=self.compile,
             amp=setup.amp,
             donate=True,

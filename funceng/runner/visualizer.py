@@ -1,4 +1,5 @@
-"""Where scalars go: ``vis_data/scalars.json`` (LocalVisBackend) and TensorBoard event files."""
+"""Where scalars go: ``vis_data/scalars.json`` (LocalVisBackend), TensorBoard event files, and the experiment
+trackers of `funceng.runner.trackers` (W&B, MLflow), which also get the config and the run's artifacts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from funceng.errors import ConfigError, check_keys
+from funceng.errors import ConfigError, MissingExtraError, check_keys
 from funceng.registry import VISBACKENDS as VIS_BACKENDS
 from funceng.runner import compat
 
@@ -36,7 +37,11 @@ class TensorboardVisBackend:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # tensorboard is an optional extra
-            raise ConfigError("TensorboardVisBackend needs the tensorboard package: pip install tensorboard") from exc
+            raise MissingExtraError(
+                "TensorboardVisBackend needs the 'tensorboard' package, which is not installed: "
+                "pip install 'funceng[vis]'",
+                name="tensorboard",
+            ) from exc
         self.writer = SummaryWriter(str(save_dir))
 
     def add_scalars(self, scalars: dict[str, float], step: int) -> None:
@@ -76,6 +81,22 @@ class Visualizer:
         numeric = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for backend in self.backends:
             backend.add_scalars(numeric, step)
+
+    def wants(self, method: str) -> bool:
+        """Whether a backend takes ``add_config`` or ``add_artifacts`` (the experiment trackers do)."""
+        return any(hasattr(backend, method) for backend in self.backends)
+
+    def add_config(self, config: dict[str, Any]) -> None:
+        """The run's resolved config, flattened (``{"optim_wrapper.optimizer.lr": 0.1}``), to the trackers."""
+        for backend in self.backends:
+            if hasattr(backend, "add_config"):
+                backend.add_config(config)
+
+    def add_artifacts(self, paths: Sequence[Path]) -> None:
+        """Files of the run (plots, the best checkpoint's manifest) to the trackers."""
+        for backend in self.backends:
+            if hasattr(backend, "add_artifacts"):
+                backend.add_artifacts(paths)
 
     def close(self) -> None:
         for backend in self.backends:

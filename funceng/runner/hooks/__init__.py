@@ -5,6 +5,7 @@ from funceng.runner.hooks.early_stopping_hook import EarlyStoppingHook
 from funceng.runner.hooks.ema_hook import EMAHook
 from funceng.runner.hooks.hook import HOOKS, PRIORITIES, Hook, build_hooks
 from funceng.runner.hooks.logger_hook import LoggerHook
+from funceng.runner.hooks.profiler_hook import ProfilerHook
 from funceng.runner.hooks.sync_buffers_hook import SyncBuffersHook
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "EarlyStoppingHook",
     "Hook",
     "LoggerHook",
+    "ProfilerHook",
     "SyncBuffersHook",
     "build_hooks",
 ]

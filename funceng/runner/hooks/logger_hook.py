@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import sys
 
@@ -9,15 +10,9 @@ import torch
 
 from funceng.runner import compat
 from funceng.runner.hooks.hook import HOOKS, Hook
-from funceng.runner.log import (
-    MEMBER_PREFIX,
-    ProgressBar,
-    Window,
-    cuda_memory_mb,
-    epoch_end_line,
-    header,
-    iteration_line,
-)
+from funceng.runner.log import MEMBER_PREFIX, Window, cuda_memory_mb, epoch_end_line, header, iteration_line
+from funceng.runner.terminal import ProgressBar
+from funceng.runner.trackers import flatten_config, run_artifacts
 
 
 @HOOKS.register
@@ -27,10 +22,12 @@ class LoggerHook(Hook):
     ``vis_data/scalars.json`` (and any other visualizer backend).
 
     Losses stay on the device between log lines, so a compiled step is never synced more than once per line.
-    ``progress``: ``True`` shows a live bar (eta, it/s, loss) instead of printing iteration lines to the terminal
-    (the log file still gets every line); ``"auto"`` does so when stdout is a terminal. ``log_metric_by_epoch`` is
-    accepted for MMEngine compatibility (`funceng.runner.compat`). A non-finite loss stops the run in the train
-    loop, logger or not.
+    ``progress``: ``True`` shows live bars instead of printing iteration lines to the terminal (the log file
+    still gets every line): training's (the epoch's eta, it/s, loss, lr and the whole run's eta) and, while they
+    run, validation's and testing's; ``"auto"`` does so when stdout is a terminal. Other log lines (validation
+    metrics, checkpoints) print above the bars, never through them (`funceng.runner.terminal`).
+    ``log_metric_by_epoch`` is accepted for MMEngine compatibility (`funceng.runner.compat`). A non-finite loss
+    stops the run in the train loop, logger or not.
     """
 
     priority = "BELOW_NORMAL"
@@ -50,6 +47,9 @@ class LoggerHook(Hook):
         self.ignore_last = ignore_last
         self.progress = progress
         self._bar: ProgressBar | None = None
+        self._eval_bar: ProgressBar | None = None
+        self._show_bar = False
+        self._config_sent = False
         self._bar_postfix: dict[str, float] = {}
         self._windows: dict[str, Window] = {}
         self._window_size = 10
@@ -58,22 +58,30 @@ class LoggerHook(Hook):
     def _window(self, key: str) -> Window:
         return self._windows.setdefault(key, Window(self._window_size))
 
+    def before_run(self, runner):
+        stream = getattr(runner.logger, "terminal_stream", sys.stdout)
+        wanted = self.progress is True or (self.progress == "auto" and stream.isatty())
+        self._show_bar = wanted and runner.rank == 0
+        if runner.scalars.wants("add_config") and not self._config_sent:  # the trackers' params, once a run
+            self._config_sent = True
+            runner.scalars.add_config(flatten_config({**runner.config_summary(), **runner.cfg.to_dict()}))
+
     def before_train(self, runner):
         self._windows.clear()
         self._window_size = runner.log_processor["window_size"]  # MMEngine's LogProcessor: 10 by default
-        wanted = self.progress is True or (self.progress == "auto" and sys.stdout.isatty())
-        self._show_bar = wanted and runner.rank == 0
         runner.logger.terminal_filter.quiet = self._show_bar
 
     def before_train_epoch(self, runner):
+        stream = runner.logger.terminal_stream
         if self._show_bar and runner.by_epoch:
             self._bar = ProgressBar(
                 len(runner.train_dataloader),
                 f"Epoch {runner.epoch + 1}/{runner.max_epochs}",
+                stream,
                 initial=runner.train_loop.batches_done,
             )
         elif self._show_bar:
-            self._bar = ProgressBar(runner.max_iters, "Iter", initial=runner.iter)
+            self._bar = ProgressBar(runner.max_iters, "Iter", stream, initial=runner.iter)
 
     def after_train_epoch(self, runner):
         if self._bar is not None and runner.by_epoch:
@@ -85,6 +93,8 @@ class LoggerHook(Hook):
             self._bar.close()
             self._bar = None
         runner.logger.terminal_filter.quiet = False
+        if runner.rank == 0 and runner.scalars.wants("add_artifacts"):
+            runner.scalars.add_artifacts(run_artifacts(runner))
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self._window("time").update(runner.timing["time"])
@@ -101,8 +111,10 @@ class LoggerHook(Hook):
         elif end_of_epoch:
             self._drain(runner)
         if self._bar is not None:
+            if runner.by_epoch:  # the bar's own eta is the epoch's; the run's goes beside it
+                run_eta = self._window("time").global_mean() * (runner.max_iters - done)
+                self._bar_postfix["run eta"] = str(datetime.timedelta(seconds=int(run_eta)))
             self._bar.update(**self._bar_postfix)
-            self._bar_postfix = {}
 
     def _drain(self, runner) -> dict[str, float]:
         """Moves pending device scalars into the windows (one sync); returns their smoothed values."""
@@ -146,7 +158,7 @@ class LoggerHook(Hook):
             ordered["grad_norm"] = outputs["grad_norm"].item()
         line = iteration_line(head, lr, eta, time_mean, self._window("data_time").mean(), memory, ordered)
         runner.logger.info(line, extra={"iteration_line": True})
-        self._bar_postfix = {"loss": scalars["loss"], **({"lr": lr} if lr is not None else {})}
+        self._bar_postfix.update(loss=scalars["loss"], **({"lr": lr} if lr is not None else {}))
         record = {
             "lr": lr,
             "data_time": self._window("data_time").mean(),
@@ -161,38 +173,19 @@ class LoggerHook(Hook):
         runner.scalars.write(record, done)
 
     def before_val_epoch(self, runner):
-        self._val_time, self._val_data_time = Window(self.interval), Window(self.interval)
-        self._val_all_time, self._val_all_data = Window(10**9), Window(10**9)
+        self._before_eval_epoch(runner, "val")
+
+    def before_test_epoch(self, runner):
+        self._before_eval_epoch(runner, "test")
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-        for windows, key in ((self._val_time, "time"), (self._val_data_time, "data_time")):
-            windows.update(runner.timing[key])
-        self._val_all_time.update(runner.timing["time"])
-        self._val_all_data.update(runner.timing["data_time"])
-        total = len(runner.val_dataloader)
-        if (batch_idx + 1) % self.interval == 0:
-            head = self._val_header(runner, batch_idx + 1, total)
-            eta = self._val_time.global_mean() * (total - batch_idx - 1)
-            line = iteration_line(
-                head, None, eta, self._val_time.mean(), self._val_data_time.mean(), cuda_memory_mb(runner.device), {}
-            )
-            runner.logger.info(line, extra={"iteration_line": True})
+        self._after_eval_iter(runner, batch_idx, "val")
 
-    def _val_header(self, runner, index, total):
-        if runner.by_epoch:
-            return header("val", epoch=runner.epoch, max_epochs=runner.max_epochs, index=index, total=total)
-        return header("val", epoch=None, max_epochs=None, index=index, total=total)
+    def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self._after_eval_iter(runner, batch_idx, "test")
 
     def after_val_epoch(self, runner, metrics=None):
-        total = len(runner.val_dataloader)
-        runner.logger.info(
-            epoch_end_line(
-                self._val_header(runner, total, total),
-                {k: v for k, v in (metrics or {}).items() if not k.startswith(MEMBER_PREFIX)},
-                self._val_all_time.global_mean(),
-                self._val_all_data.global_mean(),
-            )
-        )
+        self._after_eval_epoch(runner, metrics, "val")
         step = runner.epoch if runner.by_epoch else runner.iter
         runner.scalars.write(
             {
@@ -201,4 +194,54 @@ class LoggerHook(Hook):
                 "time": self._val_all_time.global_mean(),
             },
             step,
+        )
+
+    def after_test_epoch(self, runner, metrics=None):
+        self._after_eval_epoch(runner, metrics, "test")
+
+    def _before_eval_epoch(self, runner, mode):
+        self._val_time, self._val_data_time = Window(self.interval), Window(self.interval)
+        self._val_all_time, self._val_all_data = Window(10**9), Window(10**9)
+        if self._show_bar:
+            loader = runner.val_dataloader if mode == "val" else runner.test_dataloader
+            self._eval_bar = ProgressBar(len(loader), mode.capitalize(), runner.logger.terminal_stream, leave=False)
+            self._quiet_before_eval = runner.logger.terminal_filter.quiet
+            runner.logger.terminal_filter.quiet = True
+
+    def _after_eval_iter(self, runner, batch_idx, mode):
+        for windows, key in ((self._val_time, "time"), (self._val_data_time, "data_time")):
+            windows.update(runner.timing[key])
+        self._val_all_time.update(runner.timing["time"])
+        self._val_all_data.update(runner.timing["data_time"])
+        if self._eval_bar is not None:
+            self._eval_bar.update()
+        total = len(runner.val_dataloader if mode == "val" else runner.test_dataloader)
+        if (batch_idx + 1) % self.interval == 0:
+            head = self._eval_header(runner, batch_idx + 1, total, mode)
+            eta = self._val_time.global_mean() * (total - batch_idx - 1)
+            line = iteration_line(
+                head, None, eta, self._val_time.mean(), self._val_data_time.mean(), cuda_memory_mb(runner.device), {}
+            )
+            runner.logger.info(line, extra={"iteration_line": True})
+
+    def _eval_header(self, runner, index, total, mode):
+        if mode == "test":  # MMEngine's: "Epoch(test) [10/10]", without an epoch
+            return "Epoch(test) " + header("test", epoch=None, max_epochs=None, index=index, total=total).split()[-1]
+        if runner.by_epoch:
+            return header("val", epoch=runner.epoch, max_epochs=runner.max_epochs, index=index, total=total)
+        return header("val", epoch=None, max_epochs=None, index=index, total=total)
+
+    def _after_eval_epoch(self, runner, metrics, mode):
+        if self._eval_bar is not None:
+            self._eval_bar.close()
+            self._eval_bar = None
+            runner.logger.terminal_filter.quiet = self._quiet_before_eval
+        total = len(runner.val_dataloader if mode == "val" else runner.test_dataloader)
+        runner.logger.info(
+            epoch_end_line(
+                self._eval_header(runner, total, total, mode),
+                {k: v for k, v in (metrics or {}).items() if not k.startswith(MEMBER_PREFIX)},
+                self._val_all_time.global_mean(),
+                self._val_all_data.global_mean(),
+            )
         )
