@@ -261,7 +261,7 @@ def _worker(system: str, workload_name: str, batch_size: int, steps: int, cache_
 # -- the parent side ------------------------------------------------------------------------------------------------
 
 
-def _unavailable(system: str, workload: str, cuda: bool) -> str | None:
+def unavailable(system: str, workload: str, cuda: bool) -> str | None:
     import importlib.util
 
     if system == "g" and not cuda:
@@ -318,7 +318,7 @@ def run_suite(workloads: list[str], systems: list[str], windows: int, steps: int
         live: dict[str, _Worker] = {}
         cache_dir = tempfile.mkdtemp(prefix="funceng-bench-cache-")
         for system in systems:
-            reason = _unavailable(system, name, cuda)
+            reason = unavailable(system, name, cuda)
             if reason:
                 rows[system] = {"system": SYSTEMS[system], "skipped": reason}
                 continue
