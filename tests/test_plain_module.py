@@ -97,3 +97,12 @@ def test_a_base_model_may_take_a_loss_fn_instead_of_its_loss_mode(tmp_path):
     ) as runner:
         runner.train()
     assert calls  # traced or called: the Runner used the given loss, not forward(mode="loss")
+
+
+def test_a_plain_module_trains_as_a_population_through_the_runner(tmp_path):
+    kwargs = dict(train_cfg=dict(by_epoch=True, max_epochs=2, population=dict(seeds=[0, 1], lr=[0.1, 0.01])))
+    with plain_runner(tmp_path, net(), **kwargs) as runner:
+        runner.train()
+    metrics = runner.last_metrics
+    assert {"member_0/accuracy", "member_1/accuracy", "member_0/loss", "best_member"} <= set(metrics)
+    assert runner.state["step"].tolist() == [8, 8]  # two members, 4 batches x 2 epochs each
