@@ -143,3 +143,21 @@ def test_colours_follow_the_terminal_and_no_color(monkeypatch, env, tty, expecte
     assert isinstance(handler.formatter, ColourFormatter) is expected
     handler.emit(logging.LogRecord("funceng", logging.WARNING, __file__, 1, "careful", None, None))
     assert stream.getvalue() == ("\x1b[33mWARNING\x1b[0m - careful\n" if expected else "WARNING - careful\n")
+
+
+def test_test_lines_align_the_index_as_mmengine_does(tmp_path, capsys):
+    from torch.utils.data import DataLoader
+
+    from tests.runner_fixtures import dataset
+
+    kwargs = runner_kwargs(
+        tmp_path,
+        default_hooks=dict(logger=dict(interval=5, progress=False), checkpoint=None),
+        test_dataloader=DataLoader(dataset(48, seed=2), batch_size=4),  # 12 batches: a two-digit total
+        test_evaluator=runner_kwargs(tmp_path)["val_evaluator"],
+    )
+    with Runner(**kwargs) as runner:
+        runner.test()
+    out = capsys.readouterr().out
+    assert "Epoch(test) [ 5/12]  " in out and "Epoch(test) [10/12]  " in out
+    assert re.search(r"Epoch\(test\) \[12/12\]    accuracy: \d+\.\d{4}  data_time: ", out)

@@ -6,6 +6,7 @@ import glob
 import json
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,10 +94,11 @@ def test_wandb_offline_gets_scalars_by_step_the_config_and_the_artifacts(tmp_pat
             files.update(f.path for f in record.files.files)
     local = logged_scalars(runner)
     for key, logged, axis in (("loss", "loss", "iter"), ("accuracy", "val/accuracy", "val_step")):
-        assert [h[axis] for h in history if logged in h] == [r["step"] for r in local if key in r]
+        assert [h[axis] for h in history if logged in h] == [r["step"] for r in local if key in r], history
         assert [h[logged] for h in history if logged in h] == pytest.approx([r[key] for r in local if key in r])
     assert config["optim_wrapper.optimizer.lr"] == 0.1 and config["train_cfg.max_epochs"] == 2
-    assert {"train_loss.png", "val_accuracy.png", "manifest.json"} <= files
+    run_files = {p.name for p in (Path(run_file).parent / "files").iterdir()}  # linked or copied by run.save
+    assert {"train_loss.png", "val_accuracy.png", "manifest.json"} <= files & run_files, (files, run_files)
 
 
 @pytest.mark.parametrize(("backend", "extra"), [("WandbVisBackend", "wandb"), ("MLflowVisBackend", "mlflow")])

@@ -71,13 +71,17 @@ def format_value(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def position(index: int, total: int) -> str:
+    """``[  10/1563]``: the index right-aligned to the total's width, as MMEngine aligns it."""
+    return f"[{str(index).rjust(len(str(total)))}/{total}]"
+
+
 def header(mode: str, *, epoch: int | None, max_epochs: int | None, index: int, total: int) -> str:
     """``Epoch(train)  [1][  10/1563]`` or ``Iter(train) [  10/1000]``, aligned as MMEngine aligns them."""
-    position = f"[{str(index).rjust(len(str(total)))}/{total}]"
     if epoch is None:
-        return f"Iter({mode}) {position}"
+        return f"Iter({mode}) {position(index, total)}"
     epoch_str = f"[{epoch}]".rjust(len(str(max_epochs)) + 3) if max_epochs else f" [{epoch}]"
-    return f"Epoch({mode}){epoch_str}{position}"
+    return f"Epoch({mode}){epoch_str}{position(index, total)}"
 
 
 def iteration_line(

@@ -10,7 +10,15 @@ import torch
 
 from funceng.runner import compat
 from funceng.runner.hooks.hook import HOOKS, Hook
-from funceng.runner.log import MEMBER_PREFIX, Window, cuda_memory_mb, epoch_end_line, header, iteration_line
+from funceng.runner.log import (
+    MEMBER_PREFIX,
+    Window,
+    cuda_memory_mb,
+    epoch_end_line,
+    header,
+    iteration_line,
+    position,
+)
 from funceng.runner.terminal import ProgressBar
 from funceng.runner.trackers import flatten_config, run_artifacts
 
@@ -202,9 +210,10 @@ class LoggerHook(Hook):
     def _before_eval_epoch(self, runner, mode):
         self._val_time, self._val_data_time = Window(self.interval), Window(self.interval)
         self._val_all_time, self._val_all_data = Window(10**9), Window(10**9)
+        self._eval_total = len(runner.val_dataloader if mode == "val" else runner.test_dataloader)
         if self._show_bar:
-            loader = runner.val_dataloader if mode == "val" else runner.test_dataloader
-            self._eval_bar = ProgressBar(len(loader), mode.capitalize(), runner.logger.terminal_stream, leave=False)
+            stream = runner.logger.terminal_stream
+            self._eval_bar = ProgressBar(self._eval_total, mode.capitalize(), stream, leave=False)
             self._quiet_before_eval = runner.logger.terminal_filter.quiet
             runner.logger.terminal_filter.quiet = True
 
@@ -215,7 +224,7 @@ class LoggerHook(Hook):
         self._val_all_data.update(runner.timing["data_time"])
         if self._eval_bar is not None:
             self._eval_bar.update()
-        total = len(runner.val_dataloader if mode == "val" else runner.test_dataloader)
+        total = self._eval_total
         if (batch_idx + 1) % self.interval == 0:
             head = self._eval_header(runner, batch_idx + 1, total, mode)
             eta = self._val_time.global_mean() * (total - batch_idx - 1)
@@ -226,7 +235,7 @@ class LoggerHook(Hook):
 
     def _eval_header(self, runner, index, total, mode):
         if mode == "test":  # MMEngine's: "Epoch(test) [10/10]", without an epoch
-            return "Epoch(test) " + header("test", epoch=None, max_epochs=None, index=index, total=total).split()[-1]
+            return f"Epoch(test) {position(index, total)}"
         if runner.by_epoch:
             return header("val", epoch=runner.epoch, max_epochs=runner.max_epochs, index=index, total=total)
         return header("val", epoch=None, max_epochs=None, index=index, total=total)
@@ -236,7 +245,7 @@ class LoggerHook(Hook):
             self._eval_bar.close()
             self._eval_bar = None
             runner.logger.terminal_filter.quiet = self._quiet_before_eval
-        total = len(runner.val_dataloader if mode == "val" else runner.test_dataloader)
+        total = self._eval_total
         runner.logger.info(
             epoch_end_line(
                 self._eval_header(runner, total, total, mode),
