@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from funceng import tree
+from funceng.errors import require
 from funceng.grads import Grads, LossFn, ModelFunction, autocast
 from funceng.loss import parse_loss
 
@@ -142,11 +143,8 @@ class PerExampleGradients:
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """The ε of ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate`` (batch size / dataset size), for
-    ``delta``, by Opacus's RDP accountant. Needs ``pip install opacus``."""
-    try:
-        from opacus.accountants import RDPAccountant
-    except ImportError as error:
-        raise ImportError("funceng.privacy.epsilon uses Opacus's RDP accountant: pip install opacus") from error
-    accountant = RDPAccountant()
+    ``delta``, by Opacus's RDP accountant. Needs ``pip install 'funceng[privacy]'`` (Opacus)."""
+    accountants = require("opacus.accountants", "privacy", "funceng.privacy.epsilon (Opacus's RDP accountant)")
+    accountant = accountants.RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     return float(accountant.get_epsilon(delta=delta))

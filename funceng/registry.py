@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from funceng.errors import ConfigError, check_keys, did_you_mean
+from funceng.errors import ConfigError, check_keys, did_you_mean, require
 
 
 def type_name(value: Any) -> str:
@@ -205,11 +205,12 @@ def _import_path(path: str) -> Any:
 
 
 def _torchvision_dataset(name: str) -> Any:
-    try:
-        import torchvision.datasets
-    except ImportError:  # torchvision is an optional extra
-        return None
-    return getattr(torchvision.datasets, name, None)
+    """torchvision's dataset ``name``, or ``None``; without torchvision (an optional extra) an unknown dataset
+    name is an error that says so, since it may name one of torchvision's."""
+    datasets = require(
+        "torchvision.datasets", "vision", f"dataset type {name!r} (not registered; torchvision's datasets)"
+    )
+    return getattr(datasets, name, None)
 
 
 def build_from_cfg(cfg: Mapping[str, Any], registry: Registry, default_args: Mapping[str, Any] | None = None) -> Any:

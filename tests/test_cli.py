@@ -82,3 +82,18 @@ def test_bench_quick_says_what_it_measures():
     )
     text = " ".join(done.stdout.split())
     assert "--quick the mlp and cnn workloads only" in text and "in under 3 minutes on 2 CPU cores" in text
+
+
+def test_dataset_names_and_epsilon_without_their_extras_name_them(monkeypatch):
+    from funceng.errors import MissingExtraError
+    from funceng.privacy import epsilon
+    from funceng.registry import DATASETS
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(MissingExtraError, match=r"dataset type 'CIFAR10' .*pip install 'funceng\[vision\]'"):
+        DATASETS.get("CIFAR10", "train_dataloader.dataset.type")
+    monkeypatch.setitem(sys.modules, "opacus", None)
+    monkeypatch.setitem(sys.modules, "opacus.accountants", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'funceng\[privacy\]'"):
+        epsilon(1.0, 0.01, 100, 1e-5)
