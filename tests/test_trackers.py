@@ -109,3 +109,27 @@ def test_a_missing_tracker_package_names_the_extra(tmp_path, monkeypatch, backen
         MissingExtraError, match=rf"{backend} needs the '{extra}' package.*pip install 'funceng\[{extra}\]'"
     ):
         Runner(**kwargs)
+
+
+def test_the_config_is_flattened_to_dotted_keys_lists_by_index():
+    from funceng.runner.trackers import flatten_config
+
+    cfg = dict(
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1, betas=(0.9, 0.99))),
+        param_scheduler=[dict(type="LinearLR", end=5), dict(type="CosineAnnealingLR", T_max=10)],
+        model=dict(type=flatten_config),
+        work_dir="w",
+        dataset=object(),
+    )
+    assert flatten_config(cfg) == {
+        "optim_wrapper.optimizer.type": "SGD",
+        "optim_wrapper.optimizer.lr": 0.1,
+        "optim_wrapper.optimizer.betas": "[0.9, 0.99]",
+        "param_scheduler.0.type": "LinearLR",
+        "param_scheduler.0.end": 5,
+        "param_scheduler.1.type": "CosineAnnealingLR",
+        "param_scheduler.1.T_max": 10,
+        "model.type": "funceng.runner.trackers.flatten_config",
+        "work_dir": "w",
+        "dataset": "<object>",
+    }

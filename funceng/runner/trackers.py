@@ -20,8 +20,9 @@ from funceng.registry import VISBACKENDS as VIS_BACKENDS
 
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim_wrapper.optimizer.lr": 0.1, ...}``: numbers, strings, bools and None as they are, everything
-    else (classes, modules, loaders) by a short description."""
+    """``{"optim_wrapper.optimizer.lr": 0.1, "param_scheduler.0.type": "LinearLR", ...}``: numbers, strings,
+    bools and None as they are, a list of them as its text, other lists by index, and anything else (classes,
+    functions, modules, loaders) by a short description."""
     flat: dict[str, Any] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
@@ -31,7 +32,9 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             flat[name] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
             flat[name] = str(list(value))
-        elif isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        elif isinstance(value, (list, tuple)):
+            flat.update(flatten_config({str(i): v for i, v in enumerate(value)}, f"{name}."))
+        elif isinstance(value, type) or (callable(value) and hasattr(value, "__qualname__")):
             flat[name] = f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
         else:
             flat[name] = f"<{type(value).__name__}>"
