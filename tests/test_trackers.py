@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from funceng.errors import MissingExtraError
+from funceng.errors import ConfigError, MissingExtraError
 from funceng.runner import Runner
 from tests.runner_fixtures import runner_kwargs
 
@@ -133,3 +133,25 @@ def test_the_config_is_flattened_to_dotted_keys_lists_by_index():
         "work_dir": "w",
         "dataset": "<object>",
     }
+
+
+def test_mlflow_params_are_the_config_as_resolved_by_cfg_options(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from funceng.cli import main as cli
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "digits_config.py"
+    store = (tmp_path / "store").as_uri()
+    options = [
+        "train_cfg.max_epochs=1",
+        "optim_wrapper.optimizer.lr=0.05",
+        f"visualizer.vis_backends=[{{'type': 'MLflowVisBackend', 'tracking_uri': '{store}'}}]",
+    ]
+    assert cli(["train", str(config), "--work-dir", str(tmp_path / "w"), "--cfg-options", *options]) == 0
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("funceng").experiment_id])
+    assert run.data.params["optim_wrapper.optimizer.lr"] == "0.05" and run.data.params["train_cfg.max_epochs"] == "1"
+    assert "loss" in run.data.metrics and "accuracy" in run.data.metrics
+    assert "no plots among the artifacts: plots are drawn from vis_data/scalars.json" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"visualizer: expected a dict such as dict\(vis_backends=\[...\]\), got 'x'"):
+        Runner(**runner_kwargs(tmp_path, visualizer="x"))

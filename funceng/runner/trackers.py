@@ -43,10 +43,16 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_artifacts(runner: Any) -> list[Path]:
     """The files a tracker keeps of a finished training run: the ``funceng plot`` PNGs (when matplotlib is
-    installed; otherwise the log says so once) and the best checkpoint's ``manifest.json``."""
+    installed and LocalVisBackend wrote the scalars; otherwise the log says why there are none) and the best
+    checkpoint's ``manifest.json``."""
     paths: list[Path] = []
     if importlib.util.find_spec("matplotlib") is None:
         runner.logger.warning("trackers: no plots among the artifacts: pip install 'funceng[vis]' for matplotlib")
+    elif not (runner.log_dir / "vis_data" / "scalars.json").exists():
+        runner.logger.warning(
+            "trackers: no plots among the artifacts: plots are drawn from vis_data/scalars.json, which only "
+            "LocalVisBackend writes; add dict(type='LocalVisBackend') to visualizer.vis_backends"
+        )
     else:
         from funceng.plot import plot_run
 

@@ -70,6 +70,8 @@ class Visualizer:
 
     @classmethod
     def from_cfg(cls, save_dir: Path, cfg: Mapping[str, Any] | None, write: bool = True) -> Visualizer:
+        if cfg is not None and not isinstance(cfg, Mapping):
+            raise ConfigError(f"visualizer: expected a dict such as dict(vis_backends=[...]), got {cfg!r}")
         cfg = dict(cfg or {})
         check_keys("visualizer", cfg, {"type", "vis_backends", "name"})
         for key in ("type", "name"):
