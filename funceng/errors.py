@@ -47,15 +47,16 @@ class MissingExtraError(ModuleNotFoundError):
     ``pip install 'funceng[<extra>]'`` that brings it."""
 
 
-def require(module: str, extra: str, feature: str) -> Any:
-    """Imports optional ``module`` for ``feature``, or raises `MissingExtraError` naming the extra to install."""
+def require(module: str, extra: str, feature: str, package: str | None = None) -> Any:
+    """Imports optional ``module`` for ``feature``, or raises `MissingExtraError` naming the missing ``package``
+    (default: the module's top-level name) and the extra to install."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingExtraError(
-            f"{feature} needs the {module.split('.')[0]!r} package, which is not installed: "
+            f"{feature} needs the {package or module.split('.')[0]!r} package, which is not installed: "
             f"pip install 'funceng[{extra}]'",
             name=module,
         ) from exc

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from funceng.errors import ConfigError, MissingExtraError, check_keys
+from funceng.errors import ConfigError, check_keys, require
 from funceng.registry import VISBACKENDS as VIS_BACKENDS
 from funceng.runner import compat
 
@@ -31,18 +31,11 @@ class LocalVisBackend:
 
 @VIS_BACKENDS.register
 class TensorboardVisBackend:
-    """TensorBoard event files in ``<save_dir>`` (``pip install tensorboard``)."""
+    """TensorBoard event files in ``<save_dir>`` (``pip install 'funceng[vis]'``)."""
 
     def __init__(self, save_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # tensorboard is an optional extra
-            raise MissingExtraError(
-                "TensorboardVisBackend needs the 'tensorboard' package, which is not installed: "
-                "pip install 'funceng[vis]'",
-                name="tensorboard",
-            ) from exc
-        self.writer = SummaryWriter(str(save_dir))
+        summary = require("torch.utils.tensorboard", "vis", "TensorboardVisBackend", package="tensorboard")
+        self.writer = summary.SummaryWriter(str(save_dir))
 
     def add_scalars(self, scalars: dict[str, float], step: int) -> None:
         for key, value in scalars.items():
