@@ -81,7 +81,7 @@ def test_bench_quick_says_what_it_measures():
         [sys.executable, "-m", "funceng", "bench", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
     )
     text = " ".join(done.stdout.split())
-    assert "--quick the mlp and cnn workloads only" in text and "in under 3 minutes on 2 CPU cores" in text
+    assert "--quick the mlp workload only" in text and "in under 3 minutes on 2 CPU cores" in text
 
 
 def test_dataset_names_and_epsilon_without_their_extras_name_them(monkeypatch):
