@@ -6,6 +6,7 @@ import glob
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,8 @@ def wandb_records(run_file: str):
         if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
@@ -78,11 +81,24 @@ def wandb_records(run_file: str):
             yield record
 
 
+def complete_wandb_records(run_file: str, timeout: float = 60.0) -> list:
+    """The run file's records once W&B's service has written its exit record: its writer may still be flushing
+    the file when ``run.finish()`` returns on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_wandb_offline_gets_scalars_by_step_the_config_and_the_artifacts(tmp_path):
     runner = tracked_run(tmp_path, dict(type="WandbVisBackend", init_kwargs=dict(mode="offline", project="p")))
     [run_file] = glob.glob(str(runner.log_dir / "vis_data" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = complete_wandb_records(run_file)
+    kinds = [record.WhichOneof("record_type") for record in records]
     history, config, files = [], {}, set()
-    for record in wandb_records(run_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append(
@@ -94,7 +110,7 @@ def test_wandb_offline_gets_scalars_by_step_the_config_and_the_artifacts(tmp_pat
             files.update(f.path for f in record.files.files)
     local = logged_scalars(runner)
     for key, logged, axis in (("loss", "loss", "iter"), ("accuracy", "val/accuracy", "val_step")):
-        assert [h[axis] for h in history if logged in h] == [r["step"] for r in local if key in r], history
+        assert [h[axis] for h in history if logged in h] == [r["step"] for r in local if key in r], (history, kinds)
         assert [h[logged] for h in history if logged in h] == pytest.approx([r[key] for r in local if key in r])
     assert config["optim_wrapper.optimizer.lr"] == 0.1 and config["train_cfg.max_epochs"] == 2
     run_files = {p.name for p in (Path(run_file).parent / "files").iterdir()}  # linked or copied by run.save
