@@ -35,7 +35,10 @@ class Chart:
 
 
 def newest_run(work_dir: str | Path) -> Path:
-    """The newest ``<timestamp>/`` run folder of a work_dir that trained (else the newest with any scalars)."""
+    """The newest ``<timestamp>/`` run folder of a work_dir that trained (else the newest with any scalars); given
+    a run folder itself, that run."""
+    if (Path(work_dir) / "vis_data" / "scalars.json").exists():
+        return Path(work_dir)
     runs = sorted(p.parent.parent for p in Path(work_dir).glob("*/vis_data/scalars.json"))
     if not runs:
         raise FileNotFoundError(f"{work_dir} has no <timestamp>/vis_data/scalars.json: has a run been logged there?")
@@ -87,7 +90,7 @@ def charts(records: list[dict]) -> list[Chart]:
 
 def plot_run(work_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Writes ``train_loss.png``, ``lr.png`` and one ``val_<metric>.png`` per metric (with a population's
-    ``*_members.png``) of a work_dir's newest run; returns their paths."""
+    ``*_members.png``) of a work_dir's newest run, or of the run folder given; returns their paths."""
     matplotlib = require("matplotlib", "vis", "funceng plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

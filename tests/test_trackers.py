@@ -171,3 +171,15 @@ def test_mlflow_params_are_the_config_as_resolved_by_cfg_options(tmp_path, capsy
     assert "no plots among the artifacts: plots are drawn from vis_data/scalars.json" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"visualizer: expected a dict such as dict\(vis_backends=\[...\]\), got 'x'"):
         Runner(**runner_kwargs(tmp_path, visualizer="x"))
+
+
+def test_without_matplotlib_the_trackers_get_the_manifest_and_the_log_names_the_extra(tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    store = (tmp_path / "store").as_uri()
+    tracked_run(tmp_path, dict(type="MLflowVisBackend", tracking_uri=store))
+    assert "no plots among the artifacts: funceng plot needs the 'matplotlib' package" in capsys.readouterr().out
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("funceng").experiment_id])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["checkpoints"]

@@ -9,13 +9,12 @@ missing package is a `funceng.errors.MissingExtraError` naming the extra when th
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from funceng.errors import ConfigError, require
+from funceng.errors import ConfigError, MissingExtraError, require
 from funceng.registry import VISBACKENDS as VIS_BACKENDS
 
 
@@ -45,18 +44,18 @@ def run_artifacts(runner: Any) -> list[Path]:
     """The files a tracker keeps of a finished training run: the ``funceng plot`` PNGs (when matplotlib is
     installed and LocalVisBackend wrote the scalars; otherwise the log says why there are none) and the best
     checkpoint's ``manifest.json``."""
+    from funceng.plot import plot_run
+
     paths: list[Path] = []
-    if importlib.util.find_spec("matplotlib") is None:
-        runner.logger.warning("trackers: no plots among the artifacts: pip install 'funceng[vis]' for matplotlib")
-    elif not (runner.log_dir / "vis_data" / "scalars.json").exists():
+    try:
+        paths += plot_run(runner.log_dir)  # this run's folder, not whichever run of the work_dir is newest
+    except MissingExtraError as exc:
+        runner.logger.warning(f"trackers: no plots among the artifacts: {exc}")
+    except FileNotFoundError:
         runner.logger.warning(
             "trackers: no plots among the artifacts: plots are drawn from vis_data/scalars.json, which only "
             "LocalVisBackend writes; add dict(type='LocalVisBackend') to visualizer.vis_backends"
         )
-    else:
-        from funceng.plot import plot_run
-
-        paths += plot_run(runner.work_dir)
     best = runner.checkpointer.best_path
     if best and (manifest := Path(runner.checkpointer.directory) / best / "manifest.json").exists():
         paths.append(manifest)
@@ -88,8 +87,8 @@ class WandbVisBackend:
         self.run.config.update(dict(config), allow_val_change=True)
 
     def add_scalars(self, scalars: dict[str, float], step: int) -> None:
-        if "iter" in scalars:  # a training log line
-            row, axis = {**scalars, "iter": step}, "iter"
+        if "iter" in scalars:  # a training log line, whose step is its iter
+            row, axis = dict(scalars), "iter"
         else:  # a validation
             row, axis = {**{f"val/{k}": v for k, v in scalars.items()}, "val_step": step}, "val_step"
         for key in row.keys() - self.defined - {axis}:
