@@ -106,3 +106,41 @@ def test_a_plain_module_trains_as_a_population_through_the_runner(tmp_path):
     metrics = runner.last_metrics
     assert {"member_0/accuracy", "member_1/accuracy", "member_0/loss", "best_member"} <= set(metrics)
     assert runner.state["step"].tolist() == [8, 8]  # two members, 4 batches x 2 epochs each
+
+
+def test_a_plain_module_with_a_frozen_layer_bf16_and_accumulation_compiled_trains_as_by_hand(tmp_path, fresh_dynamo):
+    model = net()
+    model[0].requires_grad_(False)
+    wrapper = dict(
+        type="AmpOptimWrapper",
+        dtype="bfloat16",
+        accumulative_counts=2,
+        optimizer=dict(type="SGD", lr=0.1, momentum=0.9),
+    )
+    with plain_runner(tmp_path, model, True, optim_wrapper=wrapper, val_evaluator=None, val_dataloader=None) as runner:
+        runner.train()
+    by_hand_model = net()
+    by_hand_model[0].requires_grad_(False)
+    sgd = optim.inject_hyperparams(optim.sgd, ["lr", "momentum"])  # as the Runner keeps them: in the state
+    tx = optim.accumulate(sgd(lr=0.1, momentum=0.9), 2, total=8)
+    state = funceng.TrainState.create(by_hand_model, tx, seed=0)
+    step = funceng.make_train_step(by_hand_model, tx, loss_fn, compile=True, amp="bf16")  # tx accumulates
+    for _ in range(2):
+        for batch in DataLoader(dataset(64), batch_size=16, shuffle=False):
+            state, _ = step(state, batch)
+    torch.testing.assert_close(runner.state["params"]["0.weight"], net()[0].weight, rtol=0, atol=0)  # frozen
+    for name, value in state["params"].items():
+        torch.testing.assert_close(runner.state["params"][name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_plain_module_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    with plain_runner(tmp_path / "whole", net()) as whole:
+        whole.train()
+    one_epoch = dict(train_cfg=dict(by_epoch=True, max_epochs=1), default_hooks=dict(checkpoint=dict(interval=1)))
+    with plain_runner(tmp_path / "cut", net(), **one_epoch) as first:
+        first.train()
+    with plain_runner(tmp_path / "cut", net(), resume=True, default_hooks=dict(checkpoint=dict(interval=1))) as rest:
+        rest.train()
+    for group in ("params", "buffers", "opt_state"):
+        for name, value in whole.state[group].items():
+            torch.testing.assert_close(rest.state[group][name], value, rtol=0, atol=0, msg=f"{group}.{name}")
